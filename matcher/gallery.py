@@ -1,8 +1,9 @@
 """A gallery is a folder of images plus an optional ``captions.jsonl``.
 
 ``captions.jsonl`` has one JSON object per line: ``{"image": name, "captions": [...], "split": ...}``
-(the shared Flickr8k format). Images without a line are still searchable; lines without an image
-file are reported, not fatal.
+(the shared Flickr8k format). ``name`` is relative to the folder, or to its ``images/`` subfolder
+(the shared layout). Images without a line are still searchable; lines without an image file are
+reported, not fatal.
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ def open_gallery(root: str | Path) -> Gallery:
     names, captions, splits, problems = [], {}, {}, []
     for row in _read_captions(root):
         name = row["image"]
+        if name not in present and f"images/{name}" in present:
+            name = f"images/{name}"
         if name not in present:
             problems.append((name, "listed in captions.jsonl but no such file"))
             continue

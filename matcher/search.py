@@ -134,3 +134,13 @@ class Matcher:
         clock.lap("search", started)
         hits = [Hit(int(i), self.embeddings.caption_texts[i], float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         return SearchResult(hits, clock.timings)
+
+
+def open_matcher(spec: str, gallery: Gallery):
+    """The matcher a spec names, serving ``gallery``. Every matcher takes ``SearchOptions``.
+
+    Float specs (any ``load_encoder`` spec) give an exact ``Matcher``.
+    """
+    from matcher.models import cached_encoder
+
+    return Matcher(cached_encoder(spec), gallery)

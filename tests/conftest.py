@@ -35,7 +35,7 @@ def make_gallery(root: Path, n: int) -> Path:
     rows = bundled_rows(n)
     for row in rows:
         target = root / Path(row["image"]).name
-        shutil.copy(BUNDLED / row["image"], target)
+        shutil.copy(BUNDLED / "images" / row["image"], target)
         row["image"] = target.name
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root

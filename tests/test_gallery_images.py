@@ -76,3 +76,11 @@ def test_gallery_errors(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"image": 3}\n')
     with pytest.raises(GalleryError, match="captions.jsonl:1"):
         open_gallery(tmp_path)
+
+
+def test_shared_layout_with_images_subfolder(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "p.jpg")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "p.jpg", "captions": ["c"], "split": "test"}) + "\n")
+    gallery = open_gallery(tmp_path)
+    assert gallery.names == ["images/p.jpg"] and gallery.captions["images/p.jpg"] == ["c"] and not gallery.problems
