@@ -50,7 +50,11 @@ def _from_config(name: str, config: dict) -> Encoder:
         from matcher.openclip_encoder import OpenClipEncoder
 
         return OpenClipEncoder(config["model"], config.get("pretrained"))
-    raise ValueError(f"model config {name!r} has unknown type {kind!r} (expected 'towers' or 'open_clip')")
+    if kind == "hashed":
+        # A hashed matcher encodes queries with its base float encoder; the hash heads act on its
+        # output (``open_matcher`` builds the two-stage search around it).
+        return load_encoder(config["base"])
+    raise ValueError(f"model config {name!r} has unknown type {kind!r} (expected 'towers', 'open_clip' or 'hashed')")
 
 
 def load_encoder(spec: str) -> Encoder:

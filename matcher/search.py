@@ -139,8 +139,14 @@ class Matcher:
 def open_matcher(spec: str, gallery: Gallery):
     """The matcher a spec names, serving ``gallery``. Every matcher takes ``SearchOptions``.
 
-    Float specs (any ``load_encoder`` spec) give an exact ``Matcher``.
+    Float specs (any ``load_encoder`` spec) give an exact ``Matcher``; a registered config of type
+    ``"hashed"`` gives a two-stage ``HashedMatcher`` (``matcher.hashing``).
     """
-    from matcher.models import cached_encoder
+    from matcher.models import cached_encoder, registered_models
 
+    config = registered_models().get(spec)
+    if config and config.get("type") == "hashed":
+        from matcher.hashing.search import open_hashed_matcher
+
+        return open_hashed_matcher(spec, config, gallery)
     return Matcher(cached_encoder(spec), gallery)

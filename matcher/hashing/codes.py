@@ -1,0 +1,118 @@
+"""Binary codes: packing, Hamming similarity, and the two unlearned baselines (LSH, ITQ).
+
+A code of ``k`` bits is stored as ``k / 8`` bytes (``np.packbits`` order, most significant bit
+first), which is the layout faiss binary indexes read. Only the XOR popcount matters for Hamming
+distance, so any fixed bit order would do; packbits' is used everywhere so codes are portable.
+
+Both baselines centre the embeddings per modality before projecting: image and text embeddings of
+a dual encoder sit in different cones (the "modality gap"), and without per-modality centring a
+sign() code mostly records which modality a vector came from instead of what it shows.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+MODALITIES = ("image", "text")
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """[N, k] array (bool, {0,1}, or real values thresholded at > 0) -> [N, k/8] uint8."""
+    bits = np.asarray(bits)
+    if bits.ndim != 2 or bits.shape[1] % 8:
+        raise ValueError(f"need a [N, k] array with k a multiple of 8, got shape {bits.shape}")
+    return np.packbits(bits > 0, axis=1)
+
+
+def unpack_bits(codes: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """[N, k/8] uint8 -> [N, k] uint8 of 0/1 (inverse of ``pack_bits`` on binary input)."""
+    out = np.unpackbits(np.asarray(codes, dtype=np.uint8), axis=1)
+    return out if bits is None else out[:, :bits]
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
+
+
+def hamming_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """All-pairs Hamming distance [len(a), len(b)] of packed codes (numpy reference, small inputs)."""
+    xor = np.bitwise_xor(a[:, None, :], b[None, :, :])
+    return _POPCOUNT[xor].sum(axis=-1).astype(np.int32)
+
+
+def hamming_similarity(distance: np.ndarray, bits: int) -> np.ndarray:
+    """1 - 2 d / k: the inner product of the +-1 codes divided by k, in [-1, 1]."""
+    return 1.0 - 2.0 * np.asarray(distance, dtype=np.float32) / bits
+
+
+class Hasher(Protocol):
+    """Anything that turns float embeddings of one modality into packed k-bit codes."""
+
+    bits: int
+    method: str
+
+    def encode(self, vectors: np.ndarray, modality: str) -> np.ndarray: ...
+
+
+class ProjectionHasher:
+    """sign((x - mean[modality]) @ W): the form LSH, ITQ and (linear) HEI heads share at inference."""
+
+    method = "projection"
+
+    def __init__(self, means: dict[str, np.ndarray], projection: np.ndarray, bias: dict[str, np.ndarray] | None = None):
+        self.means = {m: np.asarray(v, np.float32) for m, v in means.items()}
+        self.projection = np.asarray(projection, np.float32)
+        self.bias = {m: np.asarray(v, np.float32) for m, v in (bias or {}).items()}
+        self.bits = int(self.projection.shape[1])
+
+    def real(self, vectors: np.ndarray, modality: str) -> np.ndarray:
+        """The real-valued projection before sign() (useful for diagnostics)."""
+        if modality not in self.means:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        z = (np.asarray(vectors, np.float32) - self.means[modality]) @ self.projection
+        return z + self.bias[modality] if modality in self.bias else z
+
+    def encode(self, vectors: np.ndarray, modality: str) -> np.ndarray:
+        return pack_bits(self.real(vectors, modality))
+
+
+def modality_means(images: np.ndarray, texts: np.ndarray) -> dict[str, np.ndarray]:
+    return {"image": images.mean(axis=0), "text": texts.mean(axis=0)}
+
+
+class LSHHasher(ProjectionHasher):
+    """Sign of a Gaussian random projection (SimHash): bits agree with probability 1 - angle/pi."""
+
+    method = "lsh"
+
+    def __init__(self, images: np.ndarray, texts: np.ndarray, bits: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        super().__init__(modality_means(images, texts), rng.standard_normal((images.shape[1], bits)).astype(np.float32))
+
+
+class ITQHasher(ProjectionHasher):
+    """Iterative Quantisation (Gong & Lazebnik 2011): PCA to k dims, then the rotation R that
+    minimises ||sign(VR) - VR||^2, alternating B = sign(VR) and R from the SVD of B^T V.
+
+    Fitted on both modalities together (each centred on its own mean), so one rotation serves
+    text queries and image items alike.
+    """
+
+    method = "itq"
+
+    def __init__(self, images: np.ndarray, texts: np.ndarray, bits: int, iterations: int = 50, seed: int = 0):
+        dim = images.shape[1]
+        if bits > dim:
+            raise ValueError(f"ITQ needs bits <= embedding dim ({bits} > {dim})")
+        means = modality_means(images, texts)
+        x = np.concatenate([images - means["image"], texts - means["text"]]).astype(np.float64)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        pca = vt[:bits].T                                      # [D, k]
+        v = x @ pca
+        rng = np.random.default_rng(seed)
+        rotation, _ = np.linalg.qr(rng.standard_normal((bits, bits)))
+        for _ in range(iterations):
+            b = np.sign(v @ rotation)
+            u, _, wt = np.linalg.svd(b.T @ v)
+            rotation = (u @ wt).T
+        super().__init__(means, (pca @ rotation).astype(np.float32))

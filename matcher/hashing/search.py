@@ -1,0 +1,185 @@
+"""Two-stage search: Hamming shortlist of C candidates from a binary index, then exact float
+re-rank of only those C, then top K.
+
+The shortlist costs ``bits / 8`` bytes per gallery item; the float vectors are touched only for
+the C candidates (one gather + one [C, D] x [D] product), so query cost barely grows with N
+beyond the popcount scan.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from PIL import Image
+
+from matcher.embed import GalleryEmbeddings, embed_gallery
+from matcher.encoders import Encoder
+from matcher.gallery import Gallery
+from matcher.hashing.codes import Hasher, hamming_similarity
+from matcher.index import BinaryIndex
+from matcher.search import Hit, QueryError, SearchOptions, SearchResult, _Stopwatch, check_k, check_text_query
+
+log = logging.getLogger(__name__)
+
+
+def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, k: int,
+           chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score each query's candidate ids by inner product with ``vectors``; keep the best ``k``.
+
+    ``candidates`` is [Q, C] (``-1`` = no candidate, scored -inf). Returns (scores [Q, k], ids [Q, k]),
+    best first, ties broken by the Hamming order the candidates came in (stable sort).
+    """
+    queries = np.asarray(queries, np.float32)
+    k = min(k, candidates.shape[1])
+    out_scores = np.empty((len(queries), k), np.float32)
+    out_ids = np.empty((len(queries), k), np.int64)
+    for start in range(0, len(queries), chunk):
+        ids = candidates[start:start + chunk]
+        scores = np.einsum("qcd,qd->qc", vectors[np.maximum(ids, 0)], queries[start:start + chunk])
+        scores[ids < 0] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out_scores[start:start + chunk] = np.take_along_axis(scores, order, 1)
+        out_ids[start:start + chunk] = np.take_along_axis(ids, order, 1)
+    return out_scores, out_ids
+
+
+def two_stage_search(index: BinaryIndex, vectors: np.ndarray, query_codes: np.ndarray, query_vectors: np.ndarray,
+                     k: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch form: Hamming top-C, then float re-rank to top-k. (scores [Q, k], ids [Q, k])."""
+    _, cand = index.search(query_codes, max(candidates, k))
+    return rerank(query_vectors, cand, vectors, k)
+
+
+class HashedMatcher:
+    """Binary codes of a float encoder's gallery embeddings + two-stage search.
+
+    ``hashers`` maps code length -> hasher (``SearchOptions.bits`` picks one). Re-ranking uses the
+    base encoder's vectors, or, with ``reranker=(encoder, embeddings)``, another encoder's (the
+    teacher's): the query is then encoded by both and the shortlist re-scored by the teacher.
+    """
+
+    def __init__(self, encoder: Encoder, gallery: Gallery, hashers: dict[int, Hasher],
+                 embeddings: GalleryEmbeddings | None = None,
+                 reranker: tuple[Encoder, GalleryEmbeddings] | None = None, name: str | None = None):
+        if not hashers:
+            raise ValueError("a hashed matcher needs at least one hasher")
+        self.encoder, self.gallery, self.hashers = encoder, gallery, dict(hashers)
+        self.embeddings = embeddings or embed_gallery(encoder, gallery)
+        self.rerank_encoder, self.rerank_embeddings = reranker or (None, self.embeddings)
+        if self.rerank_embeddings.names != self.embeddings.names:
+            raise ValueError("the re-ranker's gallery embeddings are not row-aligned with the base encoder's")
+        self._name = name or f"{encoder.name}+hash"
+        self._indexes: dict[tuple[int, str], BinaryIndex] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def index(self, bits: int, target: str = "image") -> BinaryIndex:
+        """The binary index of the gallery images (or captions) at ``bits``, built on first use."""
+        key = (bits, target)
+        if key not in self._indexes:
+            vectors, modality = (self.embeddings.images, "image") if target == "image" else (self.embeddings.captions, "text")
+            index = BinaryIndex(bits)
+            index.add(self.hasher(bits).encode(vectors, modality))
+            self._indexes[key] = index
+        return self._indexes[key]
+
+    def hasher(self, bits: int) -> Hasher:
+        if bits not in self.hashers:
+            raise QueryError(f"no {bits}-bit codes for this matcher; choose one of {sorted(self.hashers)}")
+        return self.hashers[bits]
+
+    def _search(self, base_query: np.ndarray, rerank_query: np.ndarray, modality: str, target: str,
+                options: SearchOptions, clock: _Stopwatch) -> list[Hit]:
+        k = check_k(options.k)
+        if options.candidates < 1:
+            raise QueryError(f"the shortlist size C must be at least 1 (got {options.candidates}).")
+        started = time.perf_counter()
+        hasher = self.hasher(options.bits)
+        code = hasher.encode(base_query[None], modality)
+        index = self.index(options.bits, target)
+        started = clock.lap("encode_hash", started)
+        distances, cand = index.search(code, max(options.candidates, k))
+        started = clock.lap("candidates", started)
+        if options.rerank:
+            vectors = self.rerank_embeddings.images if target == "image" else self.rerank_embeddings.captions
+            scores, ids = rerank(rerank_query[None], cand, vectors, k)
+            scores, ids = scores[0], ids[0]
+        else:
+            scores, ids = hamming_similarity(distances[0, :k], options.bits), cand[0, :k]
+        clock.lap("rerank", started)
+        labels = self.embeddings.names if target == "image" else self.embeddings.caption_texts
+        return [Hit(int(i), labels[i], float(s)) for s, i in zip(scores, ids) if i >= 0]
+
+    def _encode(self, encode: str, query, clock: _Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        base = getattr(self.encoder, encode)([query])[0]
+        other = getattr(self.rerank_encoder, encode)([query])[0] if self.rerank_encoder else base
+        clock.lap("encode", started)
+        return base, other
+
+    @staticmethod
+    def _result(hits: list[Hit], clock: _Stopwatch) -> SearchResult:
+        t = clock.timings
+        # Hashing the query is part of producing candidates: report the three stages the UI shows.
+        timings = {"encode": t.get("encode", 0.0), "candidates": round(t.pop("encode_hash", 0.0) + t["candidates"], 3),
+                   "rerank": t["rerank"]}
+        return SearchResult(hits, timings)
+
+    def search_text(self, text: str, options: SearchOptions = SearchOptions()) -> SearchResult:
+        text, clock = check_text_query(text), _Stopwatch()
+        base, other = self._encode("encode_texts", text, clock)
+        return self._result(self._search(base, other, "text", "image", options, clock), clock)
+
+    def search_image(self, image: Image.Image, options: SearchOptions = SearchOptions()) -> SearchResult:
+        clock = _Stopwatch()
+        base, other = self._encode("encode_images", image, clock)
+        return self._result(self._search(base, other, "image", "image", options, clock), clock)
+
+    def more_like(self, name: str, options: SearchOptions = SearchOptions()) -> SearchResult:
+        """Neighbours of a gallery image from its stored embeddings (nothing re-encoded)."""
+        clock = _Stopwatch()
+        try:
+            row = self.embeddings.names.index(name)
+        except ValueError:
+            raise QueryError(f"{name!r} is not in this gallery.") from None
+        clock.timings["encode"] = 0.0
+        base, other = self.embeddings.images[row], self.rerank_embeddings.images[row]
+        return self._result(self._search(base, other, "image", "image", options, clock), clock)
+
+    def captions_for_image(self, image: Image.Image, options: SearchOptions = SearchOptions(k=5)) -> SearchResult:
+        """image->text over the gallery's captions, through the caption codes."""
+        if len(self.embeddings.caption_texts) == 0:
+            raise QueryError("This gallery has no captions to search.")
+        clock = _Stopwatch()
+        base, other = self._encode("encode_images", image, clock)
+        return self._result(self._search(base, other, "image", "caption", options, clock), clock)
+
+
+def open_hashed_matcher(name: str, config: dict, gallery: Gallery) -> HashedMatcher:
+    """A ``HashedMatcher`` from a registered config of type ``"hashed"``::
+
+        {"type": "hashed", "base": "<float encoder spec>", "heads": "assets/models/<file>.pt",
+         "rerank_by": null | "<float encoder spec>"}
+
+    The heads were trained on one base encoder's embeddings; codes from any other encoder would be
+    meaningless, so a fingerprint mismatch is an error rather than silently bad results.
+    """
+    from matcher.hashing.heads import load_heads
+    from matcher.models import cached_encoder
+    from matcher.paths import REPO_ROOT
+
+    encoder = cached_encoder(config["base"])
+    hashers, meta = load_heads(REPO_ROOT / config["heads"])
+    trained_on = meta.get("base_fingerprint")
+    if trained_on and trained_on != encoder.fingerprint():
+        raise ValueError(f"hash heads {config['heads']} were trained on other weights of {config['base']!r} "
+                         f"(fingerprint {trained_on} != {encoder.fingerprint()}); retrain them with "
+                         "`python -m matcher train-hash`")
+    reranker = None
+    if config.get("rerank_by"):
+        other = cached_encoder(config["rerank_by"])
+        reranker = (other, embed_gallery(other, gallery))
+    return HashedMatcher(encoder, gallery, hashers, reranker=reranker, name=name)
