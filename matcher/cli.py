@@ -98,8 +98,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     gallery = _open(args.gallery, args.split)
     report = {"gallery": str(args.gallery), "split": args.split, "preset": args.preset,
               "machine": machine_description(), "matchers": {}}
-    for role, spec in _roles(args.preset, args.matchers).items():
-        report["matchers"][role], _ = evaluate_matcher(spec, gallery)
+    from matcher.hashing.commands import add_hashed_entries, is_hashed
+
+    roles = _roles(args.preset, args.matchers)
+    for role, spec in roles.items():
+        if not is_hashed(spec):
+            report["matchers"][role], _ = evaluate_matcher(spec, gallery)
+    for role, spec in roles.items():
+        if is_hashed(spec):  # after the float matchers: reuses its base encoder's entry
+            add_hashed_entries(report, role, spec, gallery)
     print(format_table(report["matchers"]))
     if args.json:
         write_json(args.json, report)
@@ -159,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
     p.add_argument("--image-variant", dest="image_variant")
     p.set_defaults(func=cmd_train_teacher)
+
+    from matcher.hashing.commands import add_commands
+
+    add_commands(sub, str(DEFAULT_DATA))  # train-hash, bench
     return parser
 
 

@@ -1,0 +1,160 @@
+"""CLI commands of the hashing package: ``train-hash``, ``bench`` and the eval hook.
+
+Kept here so ``matcher/cli.py`` only registers them (``add_commands``) and calls
+``add_hashed_entries`` from ``cmd_eval``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+from matcher.atomic import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+def write_csv(path: str | Path, records: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in records for k in r if not isinstance(r[k], (list, dict))))
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def split_embeddings(spec: str, data: str, splits: tuple[str, ...]):
+    """{split: GalleryEmbeddings} of one encoder on the shared Flickr8k folder (cached)."""
+    from matcher.embed import embed_gallery
+    from matcher.gallery import open_gallery
+    from matcher.models import cached_encoder
+
+    gallery, encoder = open_gallery(data), cached_encoder(spec)
+    return {s: embed_gallery(encoder, gallery.select(s)) for s in splits}, encoder
+
+
+def cmd_train_hash(args: argparse.Namespace) -> None:
+    import torch
+
+    from matcher.hashing.heads import HEIHasher, save_heads
+    from matcher.hashing.report import baseline_hashers, comparison_records
+    from matcher.hashing.train import HashRecipe, train_heads
+
+    torch.set_num_threads(args.threads)
+    base, encoder = split_embeddings(args.model, args.data, ("train", "val", "test"))
+    target = split_embeddings(args.target, args.data, ("train",))[0] if args.target != args.model else base
+    overrides = {f.name: getattr(args, f.name) for f in fields(HashRecipe) if getattr(args, f.name, None) is not None}
+    recipe = HashRecipe(**overrides)
+    heads, training, hashers = {}, [], []
+    for bits in _int_list(args.bits):
+        heads[bits], record = train_heads(base["train"], target["train"], base["val"], bits, recipe)
+        training.append(record)
+        hashers += [HEIHasher(heads[bits]), *baseline_hashers(base["train"], bits)]
+        print(f"{bits} bits: best epoch {record['best_epoch']}, val candidate recall {record['val_candidate_recall']:.4f}")
+    meta = {"base": args.model, "base_fingerprint": encoder.fingerprint(), "target": args.target,
+            "recipe": training[0]["recipe"] if training else {}, "data": str(args.data),
+            "best_epochs": {r["bits"]: r["best_epoch"] for r in training}}
+    save_heads(args.out, heads, meta)
+    print(f"saved {args.out}")
+    records = comparison_records(hashers, base["val"], "val") + comparison_records(hashers, base["test"], "test")
+    results = Path(args.results)
+    write_json(results.with_suffix(".json"), {"base": args.model, "target": args.target, "heads": str(args.out),
+                                              "records": records, "training": training})
+    write_csv(results.with_suffix(".csv"), records)
+    print(format_comparison([r for r in records if r["split"] == "test"]))
+    print(f"wrote {results.with_suffix('.json')} and .csv")
+
+
+def format_comparison(records: list[dict]) -> str:
+    head = f"{'method':<6}{'bits':>5}{'C':>5}{'cand.rec':>9}{'t2i R@1':>8}{'R@5':>7}{'R@10':>7}{'rsum':>8}"
+    rows = [head, "-" * len(head)]
+    for r in records:
+        rows.append(f"{r['method']:<6}{r['bits']:5d}{r['candidates']:5d}{r['candidate_recall']:9.4f}"
+                    f"{r['t2i_R@1']:8.1f}{r['t2i_R@5']:7.1f}{r['t2i_R@10']:7.1f}{r['rsum']:8.1f}")
+    return "\n".join(rows)
+
+
+def is_hashed(spec: str) -> bool:
+    from matcher.models import registered_models
+
+    return registered_models().get(spec, {}).get("type") == "hashed"
+
+
+def add_hashed_entries(report: dict, role: str, spec: str, gallery, candidates: int | None = None) -> None:
+    """Add ``<role>`` (default bits and C) and ``hashed-<k>`` entries for every code length to ``report``.
+
+    The base float encoder's own entry (measured here unless the report already holds it under
+    another role) supplies exhaustive recall and query-encoding costs.
+    """
+    from matcher.embed import embed_gallery
+    from matcher.evaluate import evaluate_matcher
+    from matcher.hashing.heads import load_heads
+    from matcher.hashing.report import DEFAULT_BITS, DEFAULT_CANDIDATES, hashed_entry
+    from matcher.models import cached_encoder, registered_models
+    from matcher.paths import REPO_ROOT
+
+    config = registered_models()[spec]
+    base_entry = next((m for m in report["matchers"].values() if m.get("spec") == config["base"]), None)
+    if base_entry is None:
+        base_entry, _ = evaluate_matcher(config["base"], gallery)
+    emb = embed_gallery(cached_encoder(config["base"]), gallery)
+    rerank_emb = embed_gallery(cached_encoder(config["rerank_by"]), gallery) if config.get("rerank_by") else None
+    hashers, _ = load_heads(REPO_ROOT / config["heads"])
+    c = candidates or DEFAULT_CANDIDATES
+    for bits, hasher in sorted(hashers.items()):
+        params = sum(w.size + b.size for layers in hasher.layers.values() for w, b in layers)
+        entry = hashed_entry(hasher, emb, base_entry, params, c, rerank_emb=rerank_emb)
+        entry.update(spec=spec, base=config["base"], rerank_by=config.get("rerank_by") or config["base"])
+        report["matchers"][f"hashed-{bits}"] = entry
+        if bits == DEFAULT_BITS:
+            report["matchers"][role] = entry
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from matcher.hashing.bench import BenchConfig, run_benchmark
+
+    config = BenchConfig(sizes=_int_list(args.sizes), model=args.model, data=args.data, bits=args.bits,
+                         candidates=_int_list(args.candidates), queries=args.queries, batch=args.batch,
+                         hnsw_m=args.hnsw_m, hnsw_max=args.hnsw_max, seed=args.seed, heads=args.heads)
+    run_benchmark(config, args.json)
+
+
+def add_commands(sub, default_data: str) -> None:
+    from matcher.hashing.train import HashRecipe
+
+    p = sub.add_parser("train-hash", help="train HEI hash heads on a float encoder's Flickr8k train embeddings")
+    p.add_argument("--model", default="offline-student", help="base float encoder spec (codes are of its embeddings)")
+    p.add_argument("--target", default="offline-teacher", help="matching scores for the non-matched bound")
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--bits", default="32,64,128,256")
+    p.add_argument("--out", default="assets/models/offline-hashed.pt")
+    p.add_argument("--results", default="assets/results/hashing", help="writes .json and .csv (HEI vs LSH vs ITQ)")
+    p.add_argument("--threads", type=int, default=1)
+    for f in fields(HashRecipe):
+        kind = {"calibrate": None}.get(f.name, type(f.default))
+        if kind is None:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind)
+    p.set_defaults(func=cmd_train_hash)
+
+    p = sub.add_parser("bench", help="scale benchmark: float flat/HNSW vs binary flat vs binary+re-rank")
+    p.add_argument("--sizes", default="1000,10000,100000,1000000")
+    p.add_argument("--model", default="offline-student")
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--candidates", default="100,1000", help="shortlist sizes C for binary+rerank")
+    p.add_argument("--queries", type=int, default=200, help="single queries timed per size")
+    p.add_argument("--batch", type=int, default=256, help="batch size for the throughput measure")
+    p.add_argument("--heads", default="assets/models/offline-hashed.pt", help="hash-head checkpoint of --model")
+    p.add_argument("--hnsw-m", dest="hnsw_m", type=int, default=32)
+    p.add_argument("--hnsw-max", dest="hnsw_max", type=int, default=1_000_000, help="skip float HNSW above this N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="assets/results/bench.json", help="also writes .csv and .html next to it")
+    p.set_defaults(func=cmd_bench)
