@@ -28,7 +28,7 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, k: 
     """Re-score each query's candidate ids by inner product with ``vectors``; keep the best ``k``.
 
     ``candidates`` is [Q, C] (``-1`` = no candidate, scored -inf). Returns (scores [Q, k], ids [Q, k]),
-    best first, ties broken by the Hamming order the candidates came in (stable sort).
+    best first.
     """
     queries = np.asarray(queries, np.float32)
     k = min(k, candidates.shape[1])
@@ -36,9 +36,15 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, k: 
     out_ids = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), chunk):
         ids = candidates[start:start + chunk]
-        scores = np.einsum("qcd,qd->qc", vectors[np.maximum(ids, 0)], queries[start:start + chunk])
+        q = queries[start:start + chunk]
+        # [Q, C, D] x [Q, D, 1]: one small batched matmul over only the gathered candidate rows.
+        scores = np.matmul(vectors[np.maximum(ids, 0)], q[:, :, None])[..., 0]
         scores[ids < 0] = -np.inf
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        if k < scores.shape[1]:
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+        else:
+            order = np.argsort(-scores, axis=1, kind="stable")
         out_scores[start:start + chunk] = np.take_along_axis(scores, order, 1)
         out_ids[start:start + chunk] = np.take_along_axis(ids, order, 1)
     return out_scores, out_ids
