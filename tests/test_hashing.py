@@ -256,3 +256,29 @@ def test_bench_size_records_and_full_shortlist_recall():
     assert by["float-flat"]["bytes_per_item"] == pytest.approx(128, abs=1)
     assert all(r["distractors"] == 150 for r in records)
     assert len(speedups(records)) == 2 and len(figure(records).data) == len(records)
+
+
+def test_open_matcher_builds_hashed_matcher_from_registered_config(tmp_path, monkeypatch, small_gallery):
+    import matcher.models as models
+    from matcher.gallery import open_gallery
+    from matcher.search import Matcher, open_matcher
+
+    encoder = models.cached_encoder("open_clip:matcher-tiny-vit")
+    torch.manual_seed(0)
+    save_heads(tmp_path / "heads.pt", {16: HashHeads(32, 16)}, {"base_fingerprint": encoder.fingerprint()})
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "tiny-hashed.json").write_text(json.dumps(
+        {"type": "hashed", "base": "open_clip:matcher-tiny-vit", "heads": str(tmp_path / "heads.pt")}))
+    monkeypatch.setattr(models, "CONFIG_DIR", configs)
+    gallery = open_gallery(small_gallery)
+    hashed = open_matcher("tiny-hashed", gallery)
+    assert isinstance(hashed, HashedMatcher) and hashed.name == "tiny-hashed"
+    exact = Matcher(encoder, gallery).search_text("a dog", SearchOptions(k=5))
+    result = hashed.search_text("a dog", SearchOptions(k=5, bits=16, candidates=len(gallery)))
+    assert [h.row for h in result.hits] == [h.row for h in exact.hits]
+    assert set(result.timings_ms) == {"encode", "candidates", "rerank"}
+    assert models.load_encoder("tiny-hashed").fingerprint() == encoder.fingerprint()  # queries use the base encoder
+    save_heads(tmp_path / "heads.pt", {16: HashHeads(32, 16)}, {"base_fingerprint": "someone-else"})
+    with pytest.raises(ValueError, match="trained on other weights"):
+        open_matcher("tiny-hashed", gallery)

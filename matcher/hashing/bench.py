@@ -229,6 +229,8 @@ def run_benchmark(cfg: BenchConfig, json_path: str | Path) -> dict:
                          "their mean and covariance", "records": [], "speedups": []}
     for n in tqdm(sorted(cfg.sizes), desc="bench sizes", unit="size"):
         report["records"] += bench_size(np.ascontiguousarray(items[:n]), codes[:n], hasher, queries, cfg, len(real))
+        for r in report["records"]:
+            r.setdefault("load_average_1m", round(os.getloadavg()[0], 2))  # shared machine: context for timings
         report["speedups"] = speedups(report["records"])
         write_json(json_path, report)  # partial results survive a long run being stopped
         write_csv(json_path.with_suffix(".csv"), report["records"])
