@@ -32,7 +32,7 @@ class HashRecipe:
     lr: float = 3e-3
     weight_decay: float = 1e-5
     hidden: int = 0                # 0 = linear heads
-    neg_weight: float = 10.0
+    neg_weight: float = 300.0         # B(B-1) non-matched vs B matched terms; picked on a val pilot
     quant_weight: float = 0.1
     calibrate: bool = False        # map target scores by a fixed affine a*S+b (see ``target_calibration``)
     select_candidates: int = 100   # C at which val candidate recall picks the epoch
