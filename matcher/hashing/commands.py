@@ -39,6 +39,13 @@ def split_embeddings(spec: str, data: str, splits: tuple[str, ...]):
     return {s: embed_gallery(encoder, gallery.select(s)) for s in splits}, encoder
 
 
+def default_base() -> str:
+    """The student when it is registered, else the teacher: the hashing code does not care which."""
+    from matcher.models import registered_models
+
+    return "offline-student" if "offline-student" in registered_models() else "offline-teacher"
+
+
 def cmd_train_hash(args: argparse.Namespace) -> None:
     import torch
 
@@ -47,6 +54,7 @@ def cmd_train_hash(args: argparse.Namespace) -> None:
     from matcher.hashing.train import HashRecipe, train_heads
 
     torch.set_num_threads(args.threads)
+    args.model = args.model or default_base()
     base, encoder = split_embeddings(args.model, args.data, ("train", "val", "test"))
     target = split_embeddings(args.target, args.data, ("train",))[0] if args.target != args.model else base
     overrides = {f.name: getattr(args, f.name) for f in fields(HashRecipe) if getattr(args, f.name, None) is not None}
@@ -119,7 +127,7 @@ def add_hashed_entries(report: dict, role: str, spec: str, gallery, candidates: 
 def cmd_bench(args: argparse.Namespace) -> None:
     from matcher.hashing.bench import BenchConfig, run_benchmark
 
-    config = BenchConfig(sizes=_int_list(args.sizes), model=args.model, data=args.data, bits=args.bits,
+    config = BenchConfig(sizes=_int_list(args.sizes), model=args.model or default_base(), data=args.data, bits=args.bits,
                          candidates=_int_list(args.candidates), queries=args.queries, batch=args.batch,
                          hnsw_m=args.hnsw_m, hnsw_max=args.hnsw_max, seed=args.seed, heads=args.heads)
     run_benchmark(config, args.json)
@@ -129,7 +137,7 @@ def add_commands(sub, default_data: str) -> None:
     from matcher.hashing.train import HashRecipe
 
     p = sub.add_parser("train-hash", help="train HEI hash heads on a float encoder's Flickr8k train embeddings")
-    p.add_argument("--model", default="offline-student", help="base float encoder spec (codes are of its embeddings)")
+    p.add_argument("--model", help="base float encoder spec (default: offline-student if registered, else offline-teacher)")
     p.add_argument("--target", default="offline-teacher", help="matching scores for the non-matched bound")
     p.add_argument("--data", default=default_data)
     p.add_argument("--bits", default="32,64,128,256")
@@ -146,7 +154,7 @@ def add_commands(sub, default_data: str) -> None:
 
     p = sub.add_parser("bench", help="scale benchmark: float flat/HNSW vs binary flat vs binary+re-rank")
     p.add_argument("--sizes", default="1000,10000,100000,1000000")
-    p.add_argument("--model", default="offline-student")
+    p.add_argument("--model", help="float encoder whose embeddings are indexed (default as train-hash)")
     p.add_argument("--data", default=default_data)
     p.add_argument("--bits", type=int, default=64)
     p.add_argument("--candidates", default="100,1000", help="shortlist sizes C for binary+rerank")
