@@ -282,3 +282,13 @@ def test_open_matcher_builds_hashed_matcher_from_registered_config(tmp_path, mon
     save_heads(tmp_path / "heads.pt", {16: HashHeads(32, 16)}, {"base_fingerprint": "someone-else"})
     with pytest.raises(ValueError, match="trained on other weights"):
         open_matcher("tiny-hashed", gallery)
+
+
+def test_rerank_by_another_encoder_orders_the_shortlist_by_its_vectors():
+    emb, other = synthetic(60, seed=0), synthetic(60, seed=5)
+    other.names = emb.names
+    hashers = {16: LSHHasher(emb.images, emb.captions, 16)}
+    matcher = HashedMatcher(_FixedEncoder(emb), None, hashers, embeddings=emb, reranker=(_FixedEncoder(other), other))
+    result = matcher.search_text("caption 4", SearchOptions(k=5, bits=16, candidates=60))
+    expected = np.argsort(-(other.images @ other.captions[4]), kind="stable")[:5]
+    assert [h.row for h in result.hits] == expected.tolist()
