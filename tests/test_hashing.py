@@ -9,7 +9,7 @@ import torch
 from matcher.embed import GalleryEmbeddings
 from matcher.hashing.codes import ITQHasher, LSHHasher, hamming_distance, hamming_similarity, pack_bits, unpack_bits
 from matcher.hashing.evaluate import candidate_recall, two_stage_metrics
-from matcher.hashing.heads import HashHeads, HEIHasher, load_heads, save_heads
+from matcher.hashing.heads import HashHeads, HEIHasher, base_probe, load_heads, save_heads
 from matcher.hashing.search import HashedMatcher, rerank, two_stage_search
 from matcher.hashing.train import HashRecipe, train_heads
 from matcher.index import BinaryIndex, FloatIndex
@@ -258,6 +258,14 @@ def test_bench_size_records_and_full_shortlist_recall():
     assert len(speedups(records)) == 2 and len(figure(records).data) == len(records)
 
 
+def _other_tiny_checkpoint(tmp_path):
+    from matcher.openclip_encoder import OpenClipEncoder, save_open_clip_checkpoint
+
+    path = tmp_path / "other-tiny.pt"
+    save_open_clip_checkpoint(OpenClipEncoder("matcher-tiny-vit", seed=7), path)
+    return path
+
+
 def test_open_matcher_builds_hashed_matcher_from_registered_config(tmp_path, monkeypatch, small_gallery):
     import matcher.models as models
     from matcher.gallery import open_gallery
@@ -265,7 +273,7 @@ def test_open_matcher_builds_hashed_matcher_from_registered_config(tmp_path, mon
 
     encoder = models.cached_encoder("open_clip:matcher-tiny-vit")
     torch.manual_seed(0)
-    save_heads(tmp_path / "heads.pt", {16: HashHeads(32, 16)}, {"base_fingerprint": encoder.fingerprint()})
+    save_heads(tmp_path / "heads.pt", {16: HashHeads(32, 16)}, {"base_probe": base_probe(encoder)})
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "tiny-hashed.json").write_text(json.dumps(
@@ -279,7 +287,8 @@ def test_open_matcher_builds_hashed_matcher_from_registered_config(tmp_path, mon
     assert [h.row for h in result.hits] == [h.row for h in exact.hits]
     assert set(result.timings_ms) == {"encode", "candidates", "rerank"}
     assert models.load_encoder("tiny-hashed").fingerprint() == encoder.fingerprint()  # queries use the base encoder
-    save_heads(tmp_path / "heads.pt", {16: HashHeads(32, 16)}, {"base_fingerprint": "someone-else"})
+    other = models.load_encoder("open_clip:matcher-tiny-vit@" + str(_other_tiny_checkpoint(tmp_path)))
+    save_heads(tmp_path / "heads.pt", {16: HashHeads(32, 16)}, {"base_probe": base_probe(other)})
     with pytest.raises(ValueError, match="trained on other weights"):
         open_matcher("tiny-hashed", gallery)
 

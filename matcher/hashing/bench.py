@@ -194,12 +194,14 @@ def figure(records: list[dict]):
 
 
 def load_hasher(cfg: BenchConfig, encoder) -> Hasher:
-    from matcher.hashing.heads import load_heads
+    from matcher.hashing.heads import check_base, load_heads
     from matcher.paths import REPO_ROOT
 
     hashers, meta = load_heads(REPO_ROOT / cfg.heads)
-    if meta.get("base_fingerprint") not in (None, encoder.fingerprint()):
-        raise SystemExit(f"error: {cfg.heads} was trained on other weights than {cfg.model!r}")
+    try:
+        check_base(encoder, meta, cfg.heads)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if cfg.bits not in hashers:
         raise SystemExit(f"error: {cfg.heads} has no {cfg.bits}-bit head (has {sorted(hashers)})")
     return hashers[cfg.bits]

@@ -65,7 +65,10 @@ def cmd_train_hash(args: argparse.Namespace) -> None:
         training.append(record)
         hashers += [HEIHasher(heads[bits]), *baseline_hashers(base["train"], bits)]
         print(f"{bits} bits: best epoch {record['best_epoch']}, val candidate recall {record['val_candidate_recall']:.4f}")
-    meta = {"base": args.model, "base_fingerprint": encoder.fingerprint(), "target": args.target,
+    from matcher.hashing.heads import base_probe
+
+    meta = {"base": args.model, "base_fingerprint": encoder.fingerprint(), "base_probe": base_probe(encoder),
+            "target": args.target,
             "recipe": training[0]["recipe"] if training else {}, "data": str(args.data),
             "best_epochs": {r["bits"]: r["best_epoch"] for r in training}}
     save_heads(args.out, heads, meta)

@@ -92,6 +92,30 @@ class HEIHasher:
         return pack_bits(self.real(vectors, modality))
 
 
+PROBE_TEXTS = ["a dog runs through the grass", "two children play on the beach", "a man climbs a rock wall"]
+
+
+def base_probe(encoder) -> list[list[float]]:
+    """The base encoder's embeddings of fixed probe texts, stored with the heads.
+
+    Heads are only meaningful on the embeddings they were trained on. Comparing what the encoder
+    *outputs* (rather than a hash of how it is stored) survives changes to the fingerprint scheme
+    and still catches any change of weights or preprocessing that moves the embeddings.
+    """
+    return encoder.encode_texts(PROBE_TEXTS).round(5).tolist()
+
+
+def check_base(encoder, meta: dict, source: str, atol: float = 1e-3) -> None:
+    """Raise ``ValueError`` when ``encoder`` is not the encoder the heads were trained on."""
+    probe = meta.get("base_probe")
+    if probe is None:
+        return
+    got = encoder.encode_texts(PROBE_TEXTS)
+    if got.shape != np.asarray(probe).shape or not np.allclose(got, np.asarray(probe), atol=atol):
+        raise ValueError(f"hash heads {source} were trained on other weights than {encoder.name!r} "
+                         "(its embeddings of the probe texts differ); retrain them with `python -m matcher train-hash`")
+
+
 def save_heads(path: str | Path, heads: dict[int, HashHeads], meta: dict) -> None:
     """One file holds the heads of every code length (a few hundred KB in all)."""
     payload = {

@@ -171,19 +171,15 @@ def open_hashed_matcher(name: str, config: dict, gallery: Gallery) -> HashedMatc
          "rerank_by": null | "<float encoder spec>"}
 
     The heads were trained on one base encoder's embeddings; codes from any other encoder would be
-    meaningless, so a fingerprint mismatch is an error rather than silently bad results.
+    meaningless, so a different base encoder is an error rather than silently bad results.
     """
-    from matcher.hashing.heads import load_heads
+    from matcher.hashing.heads import check_base, load_heads
     from matcher.models import cached_encoder
     from matcher.paths import REPO_ROOT
 
     encoder = cached_encoder(config["base"])
     hashers, meta = load_heads(REPO_ROOT / config["heads"])
-    trained_on = meta.get("base_fingerprint")
-    if trained_on and trained_on != encoder.fingerprint():
-        raise ValueError(f"hash heads {config['heads']} were trained on other weights of {config['base']!r} "
-                         f"(fingerprint {trained_on} != {encoder.fingerprint()}); retrain them with "
-                         "`python -m matcher train-hash`")
+    check_base(encoder, meta, config["heads"])
     reranker = None
     if config.get("rerank_by"):
         other = cached_encoder(config["rerank_by"])
