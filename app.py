@@ -216,7 +216,8 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
                         folder_btn = gr.Button("Index folder")
                         reset_btn = gr.Button("Back to the bundled gallery")
                 own_md = gr.Markdown(elem_id="own-status")
-                skipped_df = gr.Dataframe(headers=["file", "reason"], label="Files not used", interactive=False)
+                skipped_df = gr.Dataframe(headers=["file", "reason"], label="Files not used", interactive=False,
+                                          elem_id="own-skipped")
 
         # --- wiring ------------------------------------------------------------------------------
         opts = [preset_dd, root_state, k_in, bits_in, cand_in, rerank_in]

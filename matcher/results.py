@@ -223,10 +223,11 @@ def tradeoff_figure(results: Results, speed: str = "text-query latency (ms)", ac
             text=part["label"], textposition="top center", marker=dict(size=12, symbol=symbols[i % len(symbols)]),
             hovertemplate="%{text}<br>" + speed + ": %{x:.2f}<br>" + accuracy + ": %{y:.2f}<extra>" + group + "</extra>",
         ))
-    for _, ref in tp.references.iterrows():
+    for i, (_, ref) in enumerate(tp.references.sort_values("accuracy").iterrows()):
         fig.add_hline(y=float(ref["accuracy"]), line_dash="dot", line_color="gray", opacity=0.7,
                       annotation_text=f"{ref['model']}: {ref['accuracy']:.1f} ({PUBLISHED_LABEL})",
-                      annotation_position="bottom right", annotation_font_size=10, annotation_font_color="gray")
+                      annotation_position="bottom right" if i % 2 == 0 else "top left",
+                      annotation_font_size=10, annotation_font_color="gray")
     if not tp.references.empty:  # a legend entry so the dotted lines are explained
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(dash="dot", color="gray"),
                                  name=f"{PUBLISHED_LABEL} (no speed: other hardware)"))

@@ -72,8 +72,8 @@ def safe_member_path(name: str) -> PurePosixPath | None:
 
 
 def _is_link_or_special(info: zipfile.ZipInfo) -> bool:
-    mode = info.external_attr >> 16
-    return bool(mode) and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)))
+    kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip tool stored no file type (plain file)
+    return kind != 0 and kind not in (stat.S_IFREG, stat.S_IFDIR)
 
 
 def _common_top_folder(paths: list[PurePosixPath]) -> str | None:
