@@ -393,10 +393,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gallery", default=os.environ.get("MATCHER_GALLERY"), help="gallery folder (default: bundled)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--roles", help="role=spec pairs instead of a preset (a 'custom' preset), "
+                        "e.g. teacher=offline-teacher,student=open_clip:matcher-tiny-vit")
     parser.add_argument("--no-warm", action="store_true", help="do not load the models in the background at start-up")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ws = Workspace(default_preset=args.preset, gallery=args.gallery)
+    # One intra-op thread per query: batch-1 queries gain nothing from more, and on a small shared CPU
+    # several threads per request spin against each other (measured: 1 ms vs 200 ms per text query).
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("MATCHER_THREADS", "1")))
+    presets = None
+    if args.roles:
+        from matcher.models import PRESETS
+
+        pairs = [p.split("=", 1) for p in args.roles.split(",") if "=" in p]
+        presets = {"custom": {r.strip(): s.strip() for r, s in pairs}, **PRESETS}
+        args.preset = "custom"
+    ws = Workspace(presets=presets, default_preset=args.preset, gallery=args.gallery)
     log.info(ws.active().describe())
     demo = build_app(ws)
     if not args.no_warm:  # models and embeddings load once, in the background, from the cache when possible
