@@ -135,7 +135,16 @@ class Workspace:
         with self._lock:
             if key in self._analyses:
                 return self._analyses[key]
-        matchers = {role: mset.matcher(role) for role in mset.roles}
+        from matcher.compare import RoleUnavailable
+
+        matchers = {}
+        for role in mset.roles:
+            try:
+                matchers[role] = mset.matcher(role)
+            except RoleUnavailable:
+                continue  # shown as an error in the search tab; analysed without it
+        if not matchers:
+            raise ValueError("no matcher of this preset could be loaded")
         result = analyse(matchers, mset.gallery, k=k, options=options, limit=limit, progress=progress)
         with self._lock:
             self._analyses[key] = result
