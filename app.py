@@ -142,7 +142,8 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
                                            max_lines=2)
                         with gr.Row():
                             search_btn = gr.Button("Search", variant="primary", elem_id="search-btn")
-                        gr.Examples([[e] for e in examples], inputs=[query], label="Example queries (captions from the test split)")
+                        example_box = gr.Examples([[e] for e in examples], inputs=[query],
+                                                  label="Example queries (captions from the test split; click to search)")
                     with gr.Column(scale=2):
                         image_in = gr.File(label="…or search by image (upload a photo)", type="filepath", elem_id="image-upload",
                                            height=140)
@@ -228,6 +229,8 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
         search_kw = dict(concurrency_limit=4, concurrency_id="search")
         search_btn.click(run_text, [query] + opts, outs, api_name="search_text", **search_kw)
         query.submit(run_text, [query] + opts, outs, api_visibility="private", **search_kw)
+        if getattr(example_box, "load_input_event", None) is not None:  # clicking an example also runs it
+            example_box.load_input_event.then(run_text, [query] + opts, outs, api_visibility="private", **search_kw)
         image_in.upload(run_image, [image_in] + opts, outs + [image_preview], api_name="search_image", **search_kw)
         more_btn.click(run_more_like, [selected_state] + opts, outs, api_name="more_like", **search_kw)
 

@@ -173,3 +173,11 @@ def test_own_gallery_zip_and_bad_zip(page, server):
     page.get_by_role("tab", name="Own gallery").click()
     page.set_input_files("#zip-upload input[type=file]", str(bogus))
     page.wait_for_function("document.querySelector('#own-status').innerText.includes('not a zip')")
+
+
+def test_clicking_an_example_query_runs_it(page, server):
+    first = json.loads((server["gallery"] / "captions.jsonl").read_text().splitlines()[0])["captions"][0]
+    page.get_by_text(first, exact=True).first.click()
+    wait_for_results(page)
+    assert first in page.input_value("#query textarea")
+    assert "a caption of this gallery" in page.inner_text("#search-status")
