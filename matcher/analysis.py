@@ -74,8 +74,12 @@ def rank_by_search(matcher, texts: list[str], owners: list[str], k: int, options
     from dataclasses import replace
 
     options = replace(options, k=max(k, depth))
+    from tqdm import tqdm
+
     topk, ranks = [], []
-    for i, (text, owner) in enumerate(zip(texts, owners)):
+    queries = tqdm(list(zip(texts, owners)), desc=f"{getattr(matcher, 'name', 'matcher')}: caption queries", unit="query",
+                   mininterval=1.0)
+    for i, (text, owner) in enumerate(queries):
         names = [h.name for h in matcher.search_text(text, options).hits]
         topk.append(names[:k])
         ranks.append(names.index(owner) if owner in names else depth)
@@ -90,7 +94,7 @@ def rank_matcher(matcher, texts, owners, k: int, options: SearchOptions, progres
     if hasattr(matcher, "rank_captions"):
         topk_names, ranks, cap = matcher.rank_captions(texts, owners, k, options)
         return Ranking(topk_names, np.asarray(ranks), cap)
-    if isinstance(matcher, Matcher):
+    if type(matcher) is Matcher:  # exact float search: rank from the cached embeddings (subclasses may not be)
         return rank_float(matcher.embeddings, texts, owners, k)
     return rank_by_search(matcher, texts, owners, k, options, progress=progress)
 
