@@ -53,6 +53,14 @@ def _header(column: Column, truth: int) -> str:
     return "\n\n".join(lines)
 
 
+def _gallery_label(root: str, size: int) -> str:
+    from matcher.paths import REPO_ROOT
+
+    path = Path(root)
+    shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+    return f"Gallery: `{shown}` ({size} images)"
+
+
 def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Blocks:
     """The page. Tests pass a ``Workspace`` with tiny models and a small gallery."""
     ws = workspace or Workspace(**workspace_kwargs)
@@ -132,7 +140,7 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
             preset_dd = gr.Dropdown(list(ws.presets), value=ws.default_preset, label="Matcher preset", scale=1,
                                     elem_id="preset")
             active_md = gr.Markdown(ws.active().describe(), elem_id="active-preset")
-        gallery_md = gr.Markdown(f"Gallery: `{ws.default_gallery}` ({len(ws.gallery())} images)", elem_id="gallery-info")
+        gallery_md = gr.Markdown(_gallery_label(ws.default_gallery, len(ws.gallery())), elem_id="gallery-info")
 
         with gr.Tabs():
             with gr.Tab("Search", id="search"):
@@ -349,7 +357,7 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
             captions = sum(len(gallery.captions.get(n, [])) for n in gallery.names)
             msg = (f"Indexed **{len(gallery)} images** ({captions} captions) from `{root}` with "
                    f"{', '.join(mset.roles)}. {len(bad)} file(s) not used." + ("".join(f"\n\n⚠️ {p}" for p in problems)))
-            info = f"Gallery: `{root}` ({len(gallery)} images)"
+            info = _gallery_label(str(root), len(gallery))
             return [str(root), msg, [list(s) for s in bad], info]
 
         def upload_zip(path, preset, root, progress=gr.Progress(track_tqdm=True)):
@@ -372,7 +380,7 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
 
         def reset_gallery():
             return [ws.default_gallery, "Back to the bundled gallery.", [],
-                    f"Gallery: `{ws.default_gallery}` ({len(ws.gallery())} images)"]
+                    _gallery_label(ws.default_gallery, len(ws.gallery()))]
 
         own_outs = [root_state, own_md, skipped_df, gallery_md]
         zip_in.upload(upload_zip, [zip_in, preset_dd, root_state], own_outs, api_name="upload_zip", concurrency_limit=1,

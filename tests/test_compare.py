@@ -119,3 +119,20 @@ def test_tiny_model_side_by_side(small_gallery):
     by_image = mset.search_image(image, SearchOptions(k=1))
     assert by_image[0].hits[0].name == gallery.names[5]
     assert mset.more_like(gallery.names[5], SearchOptions(k=1))[0].hits[0].name == gallery.names[5]
+
+
+@pytest.mark.slow
+def test_bundled_offline_preset_finds_captions_in_a_small_gallery(small_gallery):
+    from matcher.paths import MODELS_DIR
+
+    if not (MODELS_DIR / "offline-teacher.pt").exists():
+        pytest.skip("the offline teacher checkpoint is not in this checkout yet")
+    active = resolve_preset("offline", hub_ok=lambda: False)
+    gallery = open_gallery(small_gallery)
+    mset = MatcherSet(active.roles, gallery)
+    found = 0
+    for name in gallery.names[:6]:
+        columns = mset.search_text(gallery.captions[name][0], SearchOptions(k=5))
+        assert all(c.error is None and len(c.hits) == 5 for c in columns)
+        found += columns[0].hits[0].match or any(h.match for h in columns[0].hits)
+    assert found >= 4  # the trained teacher puts the right photo in the top 5 of 12 for most captions
