@@ -92,7 +92,9 @@ def main() -> None:
         wall = time.perf_counter() - started
         lat = np.asarray(latencies)
         result = {
-            "command": f"python bench/load_test.py --clients {args.clients} --queries {args.queries}",
+            "command": f"python bench/load_test.py --clients {args.clients} --queries {args.queries}"
+                       + (f" --roles {args.roles}" if args.roles else ""),
+            "roles": args.roles or "the app's default preset",
             "clients": args.clients, "queries_per_client": args.queries, "k": args.k, "columns": columns,
             "requests": args.clients * args.queries, "ok": int(len(lat)), "errors": len(errors),
             "error_examples": errors[:5],
@@ -100,7 +102,8 @@ def main() -> None:
                            (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))} if len(lat) else {},
             "throughput_qps": round(len(lat) / wall, 2), "wall_s": round(wall, 1),
             "server": "python app.py (queue on; search concurrency 4)",
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "load_avg_1min_at_end": round(os.getloadavg()[0], 2)},
             "note": "client-side latency per text query through gradio_client, all matcher columns filled",
         }
         print(json.dumps(result, indent=2))
