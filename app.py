@@ -53,6 +53,10 @@ def _header(column: Column, truth: int) -> str:
     return "\n\n".join(lines)
 
 
+def _thumbs_per_row(visible_columns: int) -> int:
+    return {1: 4, 2: 3}.get(visible_columns, 2)
+
+
 def _gallery_label(root: str, size: int) -> str:
     from matcher.paths import REPO_ROOT
 
@@ -73,9 +77,11 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
 
     def columns_out(columns: list[Column], truth: int) -> list:
         out = []
+        per_row = _thumbs_per_row(len(columns))
         for i in range(slots):
             if i < len(columns):
-                out += [gr.update(visible=True), _header(columns[i], truth), _hits_gallery(columns[i])]
+                out += [gr.update(visible=True), _header(columns[i], truth),
+                        gr.update(value=_hits_gallery(columns[i]), columns=per_row)]
             else:
                 out += [gr.update(visible=False), "", []]
         return out
@@ -94,7 +100,7 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
         except (QueryError, GalleryError) as exc:
             return empty_out(f"⚠️ {exc}")
         truth = len(mset.ground_truth(text))
-        status = f"Text query: “{text.strip()}”" + (f" (a caption of this gallery: {truth} ground-truth image)" if truth else "")
+        status = f"Text query: “{text.strip()}”" + (f" (a caption of this gallery: {truth} ground-truth image{'s' if truth > 1 else ''})" if truth else "")
         return [status, names_of(columns)] + columns_out(columns, truth)
 
     def run_image(path, preset, root, k, bits, candidates, rerank, progress=gr.Progress(track_tqdm=True)):
@@ -128,7 +134,7 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
         for i in range(slots):
             visible = i < len(roles)
             header = f"### {roles[i]}\n`{active.roles[roles[i]]}`" if visible else ""
-            updates += [gr.update(visible=visible), header, []]
+            updates += [gr.update(visible=visible), header, gr.update(value=[], columns=_thumbs_per_row(len(roles)))]
         return [active.describe(), [[] for _ in range(slots)]] + updates
 
     with gr.Blocks(title="matcher: efficient image-text matching") as demo:
@@ -170,7 +176,7 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
                         visible = i < len(active_roles)
                         with gr.Column(visible=visible, elem_id=f"col-{i}", min_width=220) as col:
                             header = gr.Markdown(f"### {active_roles[i]}" if visible else "", elem_id=f"col-{i}-header")
-                            gal = gr.Gallery(label="top K", columns=2, height=520, object_fit="cover", elem_id=f"col-{i}-gallery",
+                            gal = gr.Gallery(label="top K", columns=_thumbs_per_row(len(active_roles)), height=520, object_fit="cover", elem_id=f"col-{i}-gallery",
                                              allow_preview=True, show_label=False)
                         result_cols.append(col)
                         headers.append(header)

@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "docs" / "screenshot-search.png"))
     parser.add_argument("--query", default="Two dogs playing in the snow .")
     parser.add_argument("--roles")
-    parser.add_argument("--width", type=int, default=1100)
+    parser.add_argument("--width", type=int, default=960)
     args = parser.parse_args()
     server = AppServer(*(["--roles", args.roles] if args.roles else []), env={"HF_HUB_OFFLINE": "1"})
     try:
@@ -44,7 +44,7 @@ def main() -> None:
             browser.close()
         image = Image.open(io.BytesIO(png)).convert("RGB")
         image = image.resize((args.width, round(image.height * args.width / image.width)), Image.LANCZOS)
-        image.quantize(colors=192, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
+        image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
         print(f"wrote {args.out} ({Path(args.out).stat().st_size // 1024} KB)")
     finally:
         server.stop()
