@@ -181,3 +181,36 @@ def test_clicking_an_example_query_runs_it(page, server):
     wait_for_results(page)
     assert first in page.input_value("#query textarea")
     assert "a caption of this gallery" in page.inner_text("#search-status")
+
+
+@pytest.mark.slow
+def test_real_bundled_teacher_answers_in_the_page(browser, tmp_path_factory):
+    """The offline preset as shipped (the trained teacher) on a 12-photo gallery."""
+    import app
+    from matcher.paths import MODELS_DIR
+    from matcher.workspace import Workspace
+
+    if not (MODELS_DIR / "offline-teacher.pt").exists():
+        pytest.skip("the offline teacher checkpoint is not in this checkout yet")
+    gallery = make_gallery(tmp_path_factory.mktemp("teacher") / "gallery", 12)
+    ws = Workspace(gallery=gallery, hub_ok=lambda: False)  # the real presets, offline default
+    demo = app.build_app(ws)
+    demo.queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True,
+                            **app.launch_kwargs(ws))
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT)
+        page.goto(url)
+        assert "Active preset: offline" in page.inner_text("#active-preset")
+        caption = json.loads((gallery / "captions.jsonl").read_text().splitlines()[3])["captions"][0]
+        page.fill("#query textarea", caption)
+        page.click("#search-btn")
+        wait_for_results(page, columns=len(ws.active().roles))
+        header = page.inner_text("#col-0-header")
+        assert "offline-teacher" in header and "ground-truth image" in header and "encode" in header
+        shot(page, "search-teacher")
+    finally:
+        context.close()
+        demo.close()
