@@ -212,11 +212,12 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
                     disp_plot = gr.Plot(label="Rank displacement")
                 cases_df = gr.Dataframe(label="Cases (worst first); pick one below", interactive=False, max_height=300)
                 case_dd = gr.Dropdown([], label="Show a case", elem_id="case")
-                case_md = gr.Markdown()
+                case_md = gr.Markdown(elem_id="case-info")
                 case_gals = []
                 with gr.Row():
                     for i in range(slots):
-                        case_gals.append(gr.Gallery(columns=2, height=420, object_fit="cover", label=f"slot {i}", visible=False))
+                        case_gals.append(gr.Gallery(columns=2, height=420, object_fit="cover", label=f"slot {i}", visible=False,
+                                                    elem_id=f"case-{i}-gallery"))
 
             with gr.Tab("Own gallery", id="own"):
                 gr.Markdown("Upload a **zip** of images (optionally with a `captions.jsonl`: one "

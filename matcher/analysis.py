@@ -163,6 +163,7 @@ class ErrorAnalysis:
         fig.update_layout(barmode="overlay", title=f"Top-{self.k} overlap with the {self.reference} (per caption query)",
                           xaxis_title=f"|{self.reference} top-{self.k} ∩ matcher top-{self.k}| / {self.k}",
                           yaxis_title="queries", template="plotly_white", height=360, margin=dict(t=50, b=40))
+        fig.update_xaxes(range=[-0.05, 1.05])
         return fig
 
     def displacement_figure(self, clip: int = 50):
@@ -172,10 +173,10 @@ class ErrorAnalysis:
         for role in self.fast_roles:
             disp = self.per_query[f"displacement_{role}"].dropna().clip(-clip, clip)
             fig.add_trace(go.Histogram(x=disp, name=role, opacity=0.7, xbins=dict(start=-clip - 0.5, end=clip + 0.5, size=1)))
-        fig.update_layout(barmode="overlay", title=f"Rank displacement of the right image vs the {self.reference} "
-                                                   f"(clipped to ±{clip}; >0 = ranked lower)",
-                          xaxis_title="matcher rank - teacher rank", yaxis_title="queries", yaxis_type="log",
+        fig.update_layout(barmode="overlay", title=f"Rank displacement of the right image vs the {self.reference}",
+                          xaxis_title=f"matcher rank − {self.reference} rank (>0: ranked lower; clipped to ±{clip})", yaxis_title="queries", yaxis_type="log",
                           template="plotly_white", height=360, margin=dict(t=50, b=40))
+        fig.update_xaxes(range=[-clip - 1, clip + 1])
         return fig
 
 

@@ -62,6 +62,11 @@ def missing_weights(spec: str) -> str | None:
     config = registered_models().get(spec)
     if config and config.get("checkpoint") and not (REPO_ROOT / config["checkpoint"]).exists():
         return f"{config['checkpoint']} is not in this checkout yet"
+    if spec.startswith("open_clip:"):
+        _, _, tag = spec[len("open_clip:"):].partition("@")
+        if tag and Path(tag).suffix and not Path(tag).exists():
+            return f"{tag} not found"
+        return None
     if spec.endswith(".pt") and not Path(spec).exists():
         return f"{spec} not found"
     return None

@@ -54,9 +54,12 @@ def test_hub_preset_falls_back_to_offline_and_says_so():
 
 
 def test_roles_with_missing_checkpoints_are_dropped_with_a_note(tmp_path):
-    presets = {"p": {"teacher": TINY, "student": str(tmp_path / "student.pt")}}
+    presets = {"p": {"teacher": TINY, "student": str(tmp_path / "student.pt"),
+                     "hashed": f"open_clip:matcher-tiny-vit@{tmp_path / 'gone.pt'}"}}
     active = resolve_preset("p", presets, hub_ok=lambda: False)
-    assert list(active.roles) == ["teacher"]
+    assert list(active.roles) == ["teacher"] and "gone.pt not found" in active.describe()
+    (tmp_path / "gone.pt").write_bytes(b"")
+    assert list(resolve_preset("p", presets, hub_ok=lambda: False).roles) == ["teacher", "hashed"]
     assert "student matcher is not available" in active.describe()
 
 

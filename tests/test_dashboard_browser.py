@@ -44,7 +44,12 @@ def server(tmp_path_factory):
     results = base / "results"
     results.mkdir()
     (results / "eval-test.json").write_text(json.dumps(FIXTURE_EVAL))
-    ws = Workspace(presets={"tiny": {"teacher": TINY, "student": TINY, "hashed": TINY}}, gallery=gallery,
+    from matcher.openclip_encoder import OpenClipEncoder, save_open_clip_checkpoint
+
+    other = base / "tiny-seed1.pt"  # a second, different tiny model: the matchers disagree, so there are cases
+    save_open_clip_checkpoint(OpenClipEncoder("matcher-tiny-vit", seed=1), other)
+    student = f"open_clip:matcher-tiny-vit@{other}"
+    ws = Workspace(presets={"tiny": {"teacher": TINY, "student": student, "hashed": TINY}}, gallery=gallery,
                    results_dir=results, live_results_dir=base / "live", hub_ok=lambda: False)
     ws.warm()
     demo = app.build_app(ws)
@@ -151,6 +156,9 @@ def test_error_analysis_tab(page):
     page.get_by_role("tab", name="Error analysis").click()
     page.click("#analyse")
     page.wait_for_function("document.querySelector('#analysis-status').innerText.includes('caption queries')")
+    page.wait_for_function("document.querySelector('#case-info').innerText.includes('Right image')")
+    for i in range(3):
+        page.wait_for_function(f"document.querySelectorAll('#case-{i}-gallery img').length >= 1")
     shot(page, "errors")
 
 
