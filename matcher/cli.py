@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
     p.add_argument("--image-variant", dest="image_variant")
     p.set_defaults(func=cmd_train_teacher)
+
+    from matcher.dashboard_cli import add_commands as add_dashboard_commands
+
+    add_dashboard_commands(sub, gallery_args)
     return parser
 
 
