@@ -34,15 +34,9 @@ class DualEncoderModule(nn.Module):
         self.image_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.image_tower.feature_dim, dim))
         self.text_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.text_tower.feature_dim, dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        # Test-time augmentation: average the embeddings of the image and its mirror image.
-        # Costs a second image forward; chosen per model on val (a teacher may pay it, a student not).
-        self.flip_tta = bool(config.get("flip_tta", False))
 
     def image_embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        embedding = self.image_head(self.image_tower(pixels))
-        if self.flip_tta and not self.training:
-            embedding = 0.5 * (embedding + self.image_head(self.image_tower(pixels.flip(-1))))
-        return embedding
+        return self.image_head(self.image_tower(pixels))
 
     def text_embed(self, texts: list[str]) -> torch.Tensor:
         return self.text_head(self.text_tower(texts))
