@@ -168,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-variant", dest="image_variant")
     p.set_defaults(func=cmd_train_teacher)
 
-    from matcher.hashing.commands import add_commands
+    from matcher.dashboard_cli import add_commands as add_dashboard_commands
+    from matcher.hashing.commands import add_commands as add_hashing_commands
 
-    add_commands(sub, str(DEFAULT_DATA))  # train-hash, bench
+    add_dashboard_commands(sub, gallery_args)
+    add_hashing_commands(sub, str(DEFAULT_DATA))  # train-hash, bench
     return parser
 
 

@@ -7,6 +7,7 @@ which kind they hold.
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
@@ -64,9 +65,10 @@ class Encoder(ABC):
         return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
     def fingerprint(self) -> str:
-        """Hash of the name and every weight: cached embeddings are valid only for identical weights."""
+        """Hash of name, config and every weight: cached embeddings are valid only for identical models."""
         if getattr(self, "_fingerprint", None) is None:
             digest = hashlib.sha256(self.name.encode())
+            digest.update(json.dumps(getattr(self, "config", None), sort_keys=True, default=str).encode())
             for key, tensor in sorted(self.module.state_dict().items()):
                 digest.update(key.encode())
                 digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
