@@ -301,3 +301,23 @@ def test_rerank_by_another_encoder_orders_the_shortlist_by_its_vectors():
     result = matcher.search_text("caption 4", SearchOptions(k=5, bits=16, candidates=60))
     expected = np.argsort(-(other.images @ other.captions[4]), kind="stable")[:5]
     assert [h.row for h in result.hits] == expected.tolist()
+
+
+def test_rank_captions_matches_search_text_and_censors_outside_shortlist():
+    emb = synthetic(50)
+    matcher = HashedMatcher(_FixedEncoder(emb), None, {16: LSHHasher(emb.images, emb.captions, 16)}, embeddings=emb)
+    texts = emb.caption_texts[:30]
+    owners = [emb.names[i] for i in emb.caption_image[:30]]
+    options = SearchOptions(k=5, bits=16, candidates=10)
+    topk, ranks, cap = matcher.rank_captions(texts, owners, 5, options)
+    assert cap == 10 and len(topk) == 30 and ranks.max() <= 10
+    for text, names, rank, owner in zip(texts, topk, ranks, owners):
+        assert names == [h.name for h in matcher.search_text(text, options).hits]
+        if rank < 5:
+            assert names[rank] == owner
+        else:
+            assert owner not in names
+    _, full_ranks, _ = matcher.rank_captions(texts, owners, 5, SearchOptions(k=5, bits=16, candidates=50))
+    sim = emb.captions[:30] @ emb.images.T
+    exact = (sim > sim[np.arange(30), emb.caption_image[:30]][:, None]).sum(axis=1)
+    assert np.array_equal(full_ranks, exact)

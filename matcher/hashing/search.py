@@ -155,6 +155,43 @@ class HashedMatcher:
         base, other = self.embeddings.images[row], self.rerank_embeddings.images[row]
         return self._result(self._search(base, other, "image", "image", options, clock), clock)
 
+    def rank_captions(self, texts: list[str], owners: list[str], k: int,
+                      options: SearchOptions = SearchOptions()) -> tuple[list[list[str]], np.ndarray, int]:
+        """Batch text->image answers for the error analysis (``matcher.analysis`` hook).
+
+        Returns (top-k image names per text, 0-based rank of the owner image, cap). The owner can
+        only be found inside the C-item shortlist, so ranks are censored at ``cap = C``.
+        Gallery captions reuse their cached embeddings; other texts are encoded.
+        """
+        row_of: dict[tuple[str, str], int] = {}
+        for i, text in enumerate(self.embeddings.caption_texts):
+            row_of.setdefault((text, self.embeddings.names[self.embeddings.caption_image[i]]), i)
+        rows = [row_of.get((t, o), -1) for t, o in zip(texts, owners)]
+
+        def vectors(emb: GalleryEmbeddings, encoder: Encoder | None) -> np.ndarray:
+            out = np.empty((len(texts), emb.captions.shape[1]), np.float32)
+            known = np.array([r >= 0 for r in rows], dtype=bool)
+            out[known] = emb.captions[[r for r in rows if r >= 0]]
+            if (~known).any():
+                out[~known] = (encoder or self.encoder).encode_texts([t for t, r in zip(texts, rows) if r < 0])
+            return out
+
+        base = vectors(self.embeddings, self.encoder)
+        cap = min(max(options.candidates, k), len(self.embeddings.names))
+        index, hasher = self.index(options.bits, "image"), self.hasher(options.bits)
+        distances, cand = index.search(hasher.encode(base, "text"), cap)
+        if options.rerank:
+            other = vectors(self.rerank_embeddings, self.rerank_encoder) if self.rerank_encoder else base
+            _, order = rerank(other, cand, self.rerank_embeddings.images, cap)
+        else:
+            order = cand
+        name_row = {n: r for r, n in enumerate(self.embeddings.names)}
+        owner_rows = np.array([name_row.get(o, -2) for o in owners])
+        hit = order == owner_rows[:, None]
+        ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), cap)
+        names = self.embeddings.names
+        return [[names[j] for j in row[:k] if j >= 0] for row in order], ranks, cap
+
     def captions_for_image(self, image: Image.Image, options: SearchOptions = SearchOptions(k=5)) -> SearchResult:
         """image->text over the gallery's captions, through the caption codes."""
         if len(self.embeddings.caption_texts) == 0:
