@@ -134,10 +134,11 @@ def init_from_minilm(tower: TinyTextTower, kept_ids: list[int]) -> dict:
     positions = bert.embeddings.position_embeddings.weight[:MAX_TOKENS].float()
     mean = words.mean(0)
     _, s, vt = torch.linalg.svd(words - mean, full_matrices=False)
-    basis = vt[: tower.feature_dim].T  # [384, dim]
+    basis = vt[: tower.feature_dim].T  # [384, k], k = dim unless the vocabulary is tinier than dim
+    k = basis.shape[1]
     w, p = (words - mean) @ basis, (positions - positions.mean(0)) @ basis
     scale = 0.02 / w.std()
-    tower.embed.weight.copy_(w * scale)
-    tower.embed.position.copy_(p * scale)
+    tower.embed.weight[:, :k] = w * scale
+    tower.embed.position[:, :k] = p * scale
     tower.embed.set_vocabulary(kept_ids, tower.tokenizer.unk_token_id)
     return {"pca_variance_kept": float((s[: tower.feature_dim] ** 2).sum() / (s**2).sum())}

@@ -50,8 +50,8 @@ class StudentRecipe:
     wsd_eps: float = 0.5
     image_variant: str = "efficientnet-lite0"
     image_size: int = 112
-    cached_blocks: int = 4
-    finetune_blocks: int = 4
+    cached_blocks: int = 1       # the last MBConv block + conv head run per step (CPU budget)
+    finetune_blocks: int = 1
     text_dim: int = 128
     text_layers: int = 3
     text_heads: int = 4
@@ -169,9 +169,12 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     data = Flickr8k.load(data_root)
-    targets = teacher_targets(data, recipe.teacher)
-    t_images, t_texts = torch.from_numpy(targets["train_images"].astype(np.float32)), torch.from_numpy(targets["train_texts"].astype(np.float32))
-    teacher_scale = float(targets["logit_scale"])
+    needs_teacher = recipe.loss != "contrastive" or recipe.embed_weight > 0
+    if needs_teacher:
+        targets = teacher_targets(data, recipe.teacher)
+        t_images = torch.from_numpy(targets["train_images"].astype(np.float32))
+        t_texts = torch.from_numpy(targets["train_texts"].astype(np.float32))
+        teacher_scale = float(targets["logit_scale"])
 
     module, vocab_info = build_student(recipe, data)
     image_feats = cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks)
@@ -201,9 +204,13 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
         for rows, views, captions in tqdm(batches, desc=f"{recipe.loss} epoch {epoch}", total=steps_per_epoch,
                                           leave=False, disable=not progress):
             img, txt = _step_embeddings(module, train, rows, views, captions)
-            t_img = t_images[torch.from_numpy(rows), torch.from_numpy(views)]
-            t_txt = t_texts[torch.from_numpy(captions)]
-            loss, parts = objective(img @ txt.T, t_img @ t_txt.T, module.logit_scale.exp().clamp(max=100), teacher_scale)
+            scale = module.logit_scale.exp().clamp(max=100)
+            if needs_teacher:
+                t_img = t_images[torch.from_numpy(rows), torch.from_numpy(views)]
+                t_txt = t_texts[torch.from_numpy(captions)]
+                loss, parts = objective(img @ txt.T, t_img @ t_txt.T, scale, teacher_scale)
+            else:
+                loss, parts = objective(img @ txt.T, None, scale)
             if recipe.embed_weight:
                 embed = (2 - (img * t_img).sum(-1).mean() - (txt * t_txt).sum(-1).mean())
                 loss = loss + recipe.embed_weight * embed
@@ -230,7 +237,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     best_epoch = max(history, key=lambda h: h["val_rsum"])
     metadata = {"recipe": asdict(recipe), "best_epoch": best_epoch["epoch"], "val": best_epoch["val"],
                 "vocab": vocab_info, "data": "Flickr8k train, selected on val",
-                "teacher_sha256_16": _file_digest(Path(recipe.teacher))}
+                "teacher_sha256_16": _file_digest(Path(recipe.teacher)) if needs_teacher else None}
     save_checkpoint(final, config, out, metadata)
     return {"recipe": asdict(recipe), "history": history, "best_epoch": best_epoch["epoch"],
             "val": best_epoch["val"], "checkpoint": str(out), **vocab_info}
@@ -238,3 +245,94 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
 
 def recipe_for(base: StudentRecipe, **changes) -> StudentRecipe:
     return replace(base, **changes)
+
+
+# -- ablation -----------------------------------------------------------------------------------
+
+ABLATION_COLUMNS = ["loss", "contrastive_weight", "distill_weight", "embed_weight", "best_epoch", "val_rsum",
+                    "test_rsum", "t2i_R@1", "i2t_R@1", "params", "size_mb", "text_query_ms", "images_per_s",
+                    "rsum_vs_teacher", "params_ratio", "text_speedup", "image_speedup", "train_seconds"]
+
+
+def ablation_row(name: str, recipe: StudentRecipe, trained: dict, result: dict, teacher: dict) -> dict:
+    """One table row: the student's test numbers and its ratios to the teacher's (teacher / student)."""
+    return {
+        "loss": name, "contrastive_weight": recipe.contrastive_weight,
+        "distill_weight": 0.0 if recipe.loss == "contrastive" else recipe.distill_weight,
+        "embed_weight": recipe.embed_weight, "best_epoch": trained["best_epoch"],
+        "val_rsum": round(trained["val"]["rsum"], 1), "test_rsum": round(result["rsum"], 1),
+        "t2i_R@1": round(result["t2i"]["R@1"], 1), "i2t_R@1": round(result["i2t"]["R@1"], 1),
+        "params": result["params"], "size_mb": result["size_mb"], "text_query_ms": result["text_query_ms"],
+        "images_per_s": result["images_per_s"],
+        "rsum_vs_teacher": round(result["rsum"] / teacher["rsum"], 4),
+        "params_ratio": round(teacher["params"] / result["params"], 2),
+        "text_speedup": round(teacher["text_query_ms"] / result["text_query_ms"], 2),
+        "image_speedup": round(result["images_per_s"] / teacher["images_per_s"], 2),
+        "train_seconds": round(sum(h["seconds"] for h in trained["history"])),
+    }
+
+
+def write_ablation(path_json: str | Path, rows: list[dict], header: dict) -> None:
+    """The table as JSON (with the command, machine and teacher numbers) and as CSV, atomically."""
+    import csv
+    import io
+
+    from matcher.atomic import write_json
+
+    write_json(path_json, {**header, "rows": rows})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=ABLATION_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(Path(path_json).with_suffix(".csv")) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``wsd`` or ``wsd+embed`` (adds the embedding-distillation term) or ``mse:0`` (no contrastive)."""
+    changes: dict = {}
+    name = spec
+    if "+embed" in name:
+        name = name.replace("+embed", "")
+        changes["embed_weight"] = 1.0
+    if ":" in name:
+        name, weight = name.split(":", 1)
+        changes["contrastive_weight"] = float(weight)
+    changes["loss"] = name
+    return spec, changes
+
+
+def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe, variants: list[str],
+                 results: str | Path, gallery_path: str | Path, split: str = "test", command: str = "") -> dict:
+    """Train every variant with the same recipe/budget/seed, evaluate each checkpoint on ``split``.
+
+    Recall comes from the full encoder on the gallery (the same path as ``python -m matcher eval``),
+    costs from ``measure_costs`` in a fresh process. The table is rewritten after every variant.
+    """
+    from matcher.evaluate import evaluate_matcher, machine_description
+    from matcher.gallery import open_gallery
+
+    gallery = open_gallery(gallery_path).select(split)
+    teacher, _ = evaluate_matcher(base.teacher, gallery)
+    header = {"command": command, "split": split, "machine": machine_description(),
+              "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "seed": base.seed},
+              "recipe": asdict(base), "teacher": {k: teacher[k] for k in ("t2i", "i2t", "rsum", "params", "size_mb",
+                                                                          "text_query_ms", "images_per_s")}}
+    rows = []
+    for spec in variants:
+        name, changes = parse_variant(spec)
+        recipe = replace(base, **changes)
+        ckpt = Path(out_dir) / f"student-{name.replace(':', '-c').replace('+', '-')}.pt"
+        trained = train_student(data_root, ckpt, recipe, progress=False)
+        result, _ = evaluate_matcher(str(ckpt), gallery)
+        row = ablation_row(name, recipe, trained, result, teacher)
+        row["checkpoint"] = str(ckpt)
+        rows.append(row)
+        print(f"[{name}] val rsum {row['val_rsum']}  test rsum {row['test_rsum']} ({row['rsum_vs_teacher']:.1%} of "
+              f"teacher)  {row['params_ratio']}x fewer params, text {row['text_speedup']}x, images {row['image_speedup']}x",
+              flush=True)
+        write_ablation(results, [{k: r[k] for k in ABLATION_COLUMNS} for r in rows], header)
+    best = max(rows, key=lambda r: r["val_rsum"])  # selected on val, never on test
+    header["best_on_val"] = best["loss"]
+    write_ablation(results, [{k: r[k] for k in ABLATION_COLUMNS} for r in rows], header)
+    return {"rows": rows, "best": best, "teacher": teacher}
