@@ -115,7 +115,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     overrides = {f.name: getattr(args, f.name) for f in fields(TeacherRecipe) if getattr(args, f.name, None) is not None}
     result = train_teacher(args.data, args.out, TeacherRecipe(**overrides))
     write_json(Path(args.out).with_suffix(".train.json"), result)
-    print(f"saved {args.out} (best epoch {result['best_epoch']})")
+    best = result["best"]
+    print(f"saved {args.out} (best: {best['phase']} epoch {best['epoch']}, val rsum {best['val']['rsum']:.1f})")
 
 
 def _student_recipe(args: argparse.Namespace):
@@ -198,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-teacher", help="train the offline teacher on Flickr8k train (select on val)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Flickr8k folder with captions.jsonl and images/")
     p.add_argument("--out", default="assets/models/offline-teacher.pt")
-    for name in ("epochs", "batch_size", "finetune_blocks", "finetune_layers", "seed", "embed_dim"):
+    for name in ("epochs", "probe_epochs", "batch_size", "finetune_blocks", "finetune_layers", "seed", "embed_dim"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
-    for name in ("lr", "tower_lr", "weight_decay", "head_dropout"):
+    for name in ("lr", "probe_lr", "tower_lr", "weight_decay", "head_dropout"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
     p.add_argument("--image-variant", dest="image_variant")
     p.set_defaults(func=cmd_train_teacher)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import platform
+from concurrent.futures import ProcessPoolExecutor
 import resource
 import time
 from dataclasses import dataclass
@@ -61,9 +62,8 @@ def measure_costs(spec: str, image_paths: list[str], repeats: int = 30, threads:
 
 def measure_costs_isolated(spec: str, image_paths: list[str]) -> CostProbe:
     """``measure_costs`` in a spawned process (clean memory accounting)."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(measure_costs, (spec, image_paths))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure_costs, spec, image_paths).result()
 
 
 def evaluate_embeddings(emb: GalleryEmbeddings) -> dict:

@@ -1,8 +1,11 @@
 """Train the offline teacher: EfficientNet-Lite + MiniLM towers, fine-tuned tops and linear heads.
 
-Runs on a CPU because the frozen trunks' outputs are cached once (``matcher.train.features``);
-each step runs only the fine-tuned top blocks/layers and the heads. The epoch with the best
-validation rsum is kept; test numbers come from ``python -m matcher eval`` on the saved file.
+Two phases ("linear probe, then fine-tune"), both on a CPU because the frozen trunks' outputs
+are cached once (``matcher.train.features``):
+1. heads only, on pooled features of the frozen towers: thousands of cheap steps;
+2. the top blocks/layers and the heads together, starting from phase 1, at a low learning rate.
+Starting phase 2 from trained heads keeps random heads from wrecking the pretrained tops.
+The epoch with the best validation rsum is kept; test numbers come from ``python -m matcher eval``.
 """
 from __future__ import annotations
 
@@ -37,9 +40,11 @@ class TeacherRecipe:
     finetune_layers: int = 2
     embed_dim: int = 256
     head_dropout: float = 0.5
-    epochs: int = 12
+    probe_epochs: int = 30       # phase 1: heads on frozen pooled features (5 captions per image)
+    probe_lr: float = 1e-3
+    epochs: int = 6              # phase 2: tops + heads
     batch_size: int = 256
-    lr: float = 3e-4             # heads
+    lr: float = 1e-4             # heads in phase 2
     tower_lr: float = 5e-5       # fine-tuned tower tops
     weight_decay: float = 0.05
     seed: int = 0
@@ -97,8 +102,109 @@ def cached_metrics(module: DualEncoderModule, split: CachedSplit) -> dict:
     return retrieval_metrics(texts @ images.T, np.repeat(np.arange(len(split)), split.captions_per_image))
 
 
+def _pooled(module: DualEncoderModule, split: CachedSplit, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-tower features: images [N, views, 1280], captions [5N, 384]."""
+    module.eval()
+    images, texts = [], []
+    n_views, n_captions = split.images.shape[1], len(split.offsets) - 1
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(split), batch_size), desc="pooling images", leave=False):
+            rows = np.arange(start, min(start + batch_size, len(split)))
+            views = [module.image_tower.forward_top(split.image_batch(rows, np.full(len(rows), v))) for v in range(n_views)]
+            images.append(torch.stack(views, 1))
+        for start in tqdm(range(0, n_captions, batch_size), desc="pooling captions", leave=False):
+            states, mask = split.caption_batch(np.arange(start, min(start + batch_size, n_captions)))
+            texts.append(module.text_tower.forward_top(states, mask))
+    return torch.cat(images), torch.cat(texts)
+
+
+def _clip_loss(module: DualEncoderModule, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    img = torch.nn.functional.normalize(module.image_head(img), dim=-1)
+    txt = torch.nn.functional.normalize(module.text_head(txt), dim=-1)
+    return ContrastiveLoss()(module.logit_scale.exp().clamp(max=100) * img @ txt.T)
+
+
+def _probe_metrics(module: DualEncoderModule, images: torch.Tensor, texts: torch.Tensor) -> dict:
+    module.eval()
+    with torch.inference_mode():
+        img = torch.nn.functional.normalize(module.image_head(images[:, 0]), dim=-1)
+        txt = torch.nn.functional.normalize(module.text_head(texts), dim=-1)
+    caption_image = np.repeat(np.arange(len(img)), len(txt) // len(img))
+    return retrieval_metrics((txt @ img.T).numpy(), caption_image)
+
+
+class _Best:
+    """Tracks the best validation rsum and a copy of the weights that reached it."""
+
+    def __init__(self) -> None:
+        self.rsum, self.state, self.history = -1.0, None, []
+
+    def record(self, module: DualEncoderModule, entry: dict) -> None:
+        self.history.append(entry)
+        print(f"{entry['phase']} epoch {entry['epoch']:2d}  loss {entry['loss']:.3f}  val rsum {entry['val_rsum']:.1f}", flush=True)
+        if entry["val_rsum"] > self.rsum:
+            self.rsum, self.state = entry["val_rsum"], copy.deepcopy(module.state_dict())
+
+
+def probe_heads(module: DualEncoderModule, train: CachedSplit, val: CachedSplit, recipe: TeacherRecipe,
+                rng: np.random.Generator, best: _Best) -> None:
+    """Phase 1: heads (and temperature) on pooled frozen features; each epoch uses every caption."""
+    train_img, train_txt = _pooled(module, train)
+    val_img, val_txt = _pooled(module, val)
+    params = [*module.image_head.parameters(), *module.text_head.parameters(), module.logit_scale]
+    optimizer = torch.optim.AdamW(params, lr=recipe.probe_lr, weight_decay=recipe.weight_decay)
+    per_epoch = train.captions_per_image * (len(train) // recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.probe_lr, total_steps=recipe.probe_epochs * per_epoch)
+    for epoch in range(1, recipe.probe_epochs + 1):
+        module.train()
+        losses = []
+        for _ in range(train.captions_per_image):
+            for rows, views, captions in train.sample_epoch(recipe.batch_size, rng):
+                loss = _clip_loss(module, train_img[rows, views], train_txt[captions])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+        if epoch % 3 == 0 or epoch == recipe.probe_epochs:
+            metrics = _probe_metrics(module, val_img, val_txt)
+            best.record(module, {"phase": "probe", "epoch": epoch, "loss": float(np.mean(losses)),
+                                 "val_rsum": metrics["rsum"], "val": metrics})
+
+
+def finetune(module: DualEncoderModule, train: CachedSplit, val: CachedSplit, recipe: TeacherRecipe,
+             rng: np.random.Generator, best: _Best) -> None:
+    """Phase 2: fine-tuned tops and heads together from the phase-1 heads."""
+    heads = [*module.image_head.parameters(), *module.text_head.parameters(), module.logit_scale]
+    head_ids = {id(p) for p in heads}
+    tower = [p for p in module.parameters() if p.requires_grad and id(p) not in head_ids]
+    if not tower or recipe.epochs == 0:
+        return
+    optimizer = torch.optim.AdamW(
+        [{"params": heads, "lr": recipe.lr}, {"params": tower, "lr": recipe.tower_lr}], weight_decay=recipe.weight_decay
+    )
+    steps = recipe.epochs * (len(train) // recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[recipe.lr, recipe.tower_lr], total_steps=steps)
+    for epoch in range(1, recipe.epochs + 1):
+        _set_train_mode(module)
+        losses = []
+        for rows, views, captions in tqdm(train.sample_epoch(recipe.batch_size, rng), desc=f"fine-tune epoch {epoch}",
+                                          total=len(train) // recipe.batch_size, leave=False):
+            states, mask = train.caption_batch(captions)
+            loss = _clip_loss(module, module.image_tower.forward_top(train.image_batch(rows, views)),
+                              module.text_tower.forward_top(states, mask))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        metrics = cached_metrics(module, val)
+        best.record(module, {"phase": "finetune", "epoch": epoch, "loss": float(np.mean(losses)),
+                             "val_rsum": metrics["rsum"], "val": metrics})
+
+
 def train_teacher(data_root: str | Path, out: str | Path, recipe: TeacherRecipe) -> dict:
-    """Train, keep the best epoch on val, save the checkpoint; returns the training history."""
+    """Train both phases, keep the best validation state, save the checkpoint; returns the history."""
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     data = Flickr8k.load(data_root)
@@ -107,46 +213,15 @@ def train_teacher(data_root: str | Path, out: str | Path, recipe: TeacherRecipe)
     train = CachedSplit.from_features(image_feats, text_feats, "train")
     val = CachedSplit.from_features(image_feats, text_feats, "val")
 
-    module = _training_module(recipe)
-    heads = [*module.image_head.parameters(), *module.text_head.parameters(), module.logit_scale]
-    head_ids = {id(p) for p in heads}
-    tower = [p for p in module.parameters() if p.requires_grad and id(p) not in head_ids]
-    optimizer = torch.optim.AdamW(
-        [{"params": heads, "lr": recipe.lr}, {"params": tower, "lr": recipe.tower_lr}], weight_decay=recipe.weight_decay
-    )
-    steps = recipe.epochs * (len(train) // recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[recipe.lr, recipe.tower_lr], total_steps=steps, pct_start=0.1
-    )
-    loss_fn = ContrastiveLoss()
-    history, best, best_state = [], -1.0, None
-    for epoch in range(1, recipe.epochs + 1):
-        _set_train_mode(module)
-        started, losses = time.time(), []
-        for rows, views, captions in tqdm(train.sample_epoch(recipe.batch_size, rng), desc=f"epoch {epoch}",
-                                          total=len(train) // recipe.batch_size, leave=False):
-            img = module.image_head(module.image_tower.forward_top(train.image_batch(rows, views)))
-            states, mask = train.caption_batch(captions)
-            txt = module.text_head(module.text_tower.forward_top(states, mask))
-            img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
-            loss = loss_fn(module.logit_scale.exp().clamp(max=100) * img @ txt.T)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        metrics = cached_metrics(module, val)
-        entry = {"epoch": epoch, "loss": float(np.mean(losses)), "val_rsum": metrics["rsum"],
-                 "val": metrics, "temperature": float(1 / module.logit_scale.exp()), "seconds": time.time() - started}
-        history.append(entry)
-        log.info("epoch %d loss %.3f val rsum %.1f (%.0fs)", epoch, entry["loss"], metrics["rsum"], entry["seconds"])
-        print(f"epoch {epoch:2d}  loss {entry['loss']:.3f}  val rsum {metrics['rsum']:.1f}  ({entry['seconds']:.0f}s)", flush=True)
-        if metrics["rsum"] > best:
-            best, best_state = metrics["rsum"], copy.deepcopy(module.state_dict())
-    module.load_state_dict(best_state)
+    module, best = _training_module(recipe), _Best()
+    probe_heads(module, train, val, recipe, rng, best)
+    module.load_state_dict(best.state)
+    finetune(module, train, val, recipe, rng, best)
+    module.load_state_dict(best.state)
     final = DualEncoderModule(recipe.model_config())
     final.load_state_dict(module.state_dict())
-    best_epoch = max(history, key=lambda h: h["val_rsum"])
-    save_checkpoint(final, recipe.model_config(), out, {"recipe": asdict(recipe), "best_epoch": best_epoch["epoch"],
-                                                        "val": best_epoch["val"], "data": "Flickr8k train, selected on val"})
-    return {"recipe": asdict(recipe), "history": history, "best_epoch": best_epoch["epoch"], "checkpoint": str(out)}
+    chosen = max(best.history, key=lambda h: h["val_rsum"])
+    summary = {"phase": chosen["phase"], "epoch": chosen["epoch"], "val": chosen["val"]}
+    save_checkpoint(final, recipe.model_config(), out,
+                    {"recipe": asdict(recipe), "best": summary, "data": "Flickr8k train, selected on val"})
+    return {"recipe": asdict(recipe), "history": best.history, "best": summary, "checkpoint": str(out)}
