@@ -124,6 +124,10 @@ def _student_recipe(args: argparse.Namespace):
 
     from matcher.train.student import StudentRecipe
 
+    if args.threads:  # training threads only; cost probes run in fresh processes with torch's default
+        import torch
+
+        torch.set_num_threads(args.threads)
     overrides = {f.name: getattr(args, f.name) for f in fields(StudentRecipe) if getattr(args, f.name, None) is not None}
     return StudentRecipe(**overrides)
 
@@ -162,6 +166,7 @@ def _student_args(p: argparse.ArgumentParser) -> None:
                  "distill_weight", "embed_weight", "wsd_eps"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
     p.add_argument("--image-variant", dest="image_variant")
+    p.add_argument("--threads", type=int, help="torch threads for training (e.g. 1 on a shared CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
