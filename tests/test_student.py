@@ -76,3 +76,18 @@ def test_parse_variant_and_ratios():
     row = ablation_row("wsd", StudentRecipe(), trained, result, teacher)
     assert row["rsum_vs_teacher"] == 0.95 and row["params_ratio"] == 5.6
     assert row["text_speedup"] == 10.0 and row["image_speedup"] == 6.0
+
+
+@pytest.mark.slow
+def test_bundled_student_is_registered_small_and_finds_the_described_photo(small_gallery):
+    from matcher.gallery import open_gallery
+    from matcher.models import PRESETS, cached_encoder
+    from matcher.search import Matcher, SearchOptions
+
+    assert PRESETS["offline"]["student"] == "offline-student"
+    student, teacher = cached_encoder("offline-student"), cached_encoder("offline-teacher")
+    assert student.num_params() * 5 <= teacher.num_params()
+    gallery = open_gallery(small_gallery)
+    # The first bundled test photo shows two brown dogs playing in the snow.
+    hits = Matcher(student, gallery).search_text("two brown dogs wrestle in the snow", SearchOptions(k=3)).hits
+    assert hits[0].name == gallery.names[0]
