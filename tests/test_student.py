@@ -79,15 +79,16 @@ def test_parse_variant_and_ratios():
 
 
 @pytest.mark.slow
-def test_bundled_student_is_registered_small_and_finds_the_described_photo(small_gallery):
+def test_bundled_student_is_registered_small_and_retrieves(small_gallery, tmp_path):
+    from matcher.cache import ArrayCache
+    from matcher.embed import embed_gallery
+    from matcher.evaluate import evaluate_embeddings
     from matcher.gallery import open_gallery
     from matcher.models import PRESETS, cached_encoder
-    from matcher.search import Matcher, SearchOptions
 
     assert PRESETS["offline"]["student"] == "offline-student"
     student, teacher = cached_encoder("offline-student"), cached_encoder("offline-teacher")
     assert student.num_params() * 5 <= teacher.num_params()
-    gallery = open_gallery(small_gallery)
-    # The first bundled test photo shows two brown dogs playing in the snow.
-    hits = Matcher(student, gallery).search_text("two brown dogs wrestle in the snow", SearchOptions(k=3)).hits
-    assert hits[0].name == gallery.names[0]
+    metrics = evaluate_embeddings(embed_gallery(student, open_gallery(small_gallery), cache=ArrayCache(tmp_path)))
+    # 12 images: chance t2i R@1 is 8%; the committed student measured 68 / 75 here.
+    assert metrics["t2i"]["R@1"] >= 40 and metrics["i2t"]["R@1"] >= 50
