@@ -13,12 +13,13 @@ from torch import nn
 
 from matcher.atomic import atomic_path
 from matcher.encoders import Encoder
+from matcher.student_towers import TinyTextTower
 from matcher.towers import EfficientNetLiteTower, MiniLMTextTower, image_transform
 
 CHECKPOINT_FORMAT = "matcher-dual-encoder/1"
 
 IMAGE_TOWERS = {"efficientnet-lite": EfficientNetLiteTower}
-TEXT_TOWERS = {"minilm": MiniLMTextTower}
+TEXT_TOWERS = {"minilm": MiniLMTextTower, "tiny-text": TinyTextTower}
 
 
 class DualEncoderModule(nn.Module):

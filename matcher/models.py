@@ -22,7 +22,7 @@ CONFIG_DIR = REPO_ROOT / "matcher" / "model_configs"
 
 PRESETS: dict[str, dict[str, str]] = {
     # Everything from the repository and PyPI; what tests, CI and the default app run.
-    "offline": {"teacher": "offline-teacher", "hashed": "offline-hashed"},
+    "offline": {"teacher": "offline-teacher", "student": "offline-student", "hashed": "offline-hashed"},
     # Hub weights (needs internet on first use): what a Hugging Face Space can run.
     "clip": {"teacher": "open_clip:ViT-L-14@dfn2b", "student": "open_clip:MobileCLIP2-S0@dfndr2b"},
 }

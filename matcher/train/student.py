@@ -1,0 +1,358 @@
+"""Train the distilled student: EfficientNet-Lite0 at reduced resolution + a tiny text transformer.
+
+Like the teacher (``matcher.train.teacher``), the student trains on cached features so a CPU is
+enough: the image trunk's outputs at the student's resolution are cached once, the text "trunk" is
+just the tokenizer + vocabulary remap, and the teacher's embeddings of every training image view
+and caption are computed once from the teacher's own feature caches (``teacher_targets``). Each
+batch's teacher similarity matrix is then a [B, D] x [D, B] product.
+
+Objective (``matcher.losses.DistillationObjective``):
+    distill_weight * L_name(S, T) + contrastive_weight * InfoNCE(S) + embed_weight * L_embed
+where L_embed = mean(1 - cos(student, teacher)) over the batch's image and caption embeddings
+(optional feature distillation; both live in 256-d spaces). The best epoch on val is kept.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from matcher.atomic import atomic_path
+from matcher.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
+from matcher.losses import DistillationObjective
+from matcher.paths import cache_dir
+from matcher.student_towers import caption_vocabulary, init_from_minilm
+from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
+from matcher.train.pairs import CachedSplit
+from matcher.train.teacher import _set_train_mode, cached_metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEACHER = "assets/models/offline-teacher.pt"
+
+
+@dataclass
+class StudentRecipe:
+    """Everything that determines a trained student (stored in the checkpoint's metadata)."""
+
+    loss: str = "wsd"
+    contrastive_weight: float = 1.0
+    distill_weight: float = 1.0
+    embed_weight: float = 0.0
+    wsd_eps: float = 0.5
+    image_variant: str = "efficientnet-lite0"
+    image_size: int = 112
+    cached_blocks: int = 1       # the last MBConv block + conv head run per step (CPU budget)
+    finetune_blocks: int = 1
+    text_dim: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_dropout: float = 0.1
+    vocab_min_count: int = 2
+    embed_dim: int = 256
+    head_dropout: float = 0.3
+    epochs: int = 15
+    batch_size: int = 256
+    lr: float = 1e-3             # heads, text tower (trained from a PCA init) and logit scale
+    tower_lr: float = 1e-4       # fine-tuned image blocks (ImageNet-pretrained)
+    weight_decay: float = 0.05
+    seed: int = 0
+    teacher: str = DEFAULT_TEACHER
+
+    def model_config(self, vocab_size: int, finetune: bool = True) -> dict:
+        return {
+            "image_tower": {"type": "efficientnet-lite", "variant": self.image_variant, "image_size": self.image_size,
+                            "trainable_blocks": self.finetune_blocks if finetune else self.cached_blocks},
+            "text_tower": {"type": "tiny-text", "vocab_size": vocab_size, "dim": self.text_dim,
+                           "layers": self.text_layers, "heads": self.text_heads, "dropout": self.text_dropout},
+            "embed_dim": self.embed_dim,
+            "head_dropout": self.head_dropout,
+        }
+
+
+# -- teacher targets ----------------------------------------------------------------------------
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def embed_views(module: DualEncoderModule, split: CachedSplit, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm embeddings of *every* image view [N, V, D] and every caption [5N, D] of a split."""
+    module.eval()
+    views, texts = [], []
+    with torch.inference_mode():
+        for v in range(split.images.shape[1]):
+            chunks = []
+            for start in range(0, len(split), batch_size):
+                rows = np.arange(start, min(start + batch_size, len(split)))
+                x = split.image_batch(rows, np.full(len(rows), v))
+                chunks.append(module.image_head(module.image_tower.forward_top(x)))
+            views.append(F.normalize(torch.cat(chunks), dim=-1))
+        n_captions = len(split.offsets) - 1
+        for start in range(0, n_captions, batch_size):
+            states, mask = split.caption_batch(np.arange(start, min(start + batch_size, n_captions)))
+            texts.append(module.text_head(module.text_tower.forward_top(states, mask)))
+    return torch.stack(views, 1).numpy(), F.normalize(torch.cat(texts), dim=-1).numpy()
+
+
+def teacher_targets(data: Flickr8k, teacher_path: str | Path) -> dict[str, np.ndarray]:
+    """The teacher's train image-view and caption embeddings and its logit scale, cached on disk.
+
+    Keyed by the checkpoint's content hash, so a retrained teacher never serves stale targets.
+    Computed from the teacher's own trunk caches (the same ones its training used).
+    """
+    teacher_path = Path(teacher_path)
+    path = cache_dir() / "features" / f"teacher-targets-{_file_digest(teacher_path)}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    encoder = load_checkpoint(teacher_path)
+    module, config = encoder.module, encoder.config
+    img_cfg, txt_cfg = config["image_tower"], config["text_tower"]
+    image_feats = cached_image_features(data, img_cfg["variant"], img_cfg["image_size"], img_cfg["trainable_blocks"])
+    text_feats = cached_text_features(data, txt_cfg["trainable_layers"])
+    targets = {"logit_scale": np.array(float(module.logit_scale.exp().clamp(max=100)))}
+    for split in ("train", "val"):
+        images, texts = embed_views(module, CachedSplit.from_features(image_feats, text_feats, split))
+        targets[f"{split}_images"], targets[f"{split}_texts"] = images.astype(np.float16), texts.astype(np.float16)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **targets)
+    return targets
+
+
+# -- student data ------------------------------------------------------------------------------
+
+def caption_id_features(data: Flickr8k, module: DualEncoderModule) -> dict[str, np.ndarray]:
+    """The tiny text tower's "trunk" output per split: compact token ids as [T, 1] + offsets."""
+    tower = module.text_tower
+    feats = {}
+    for split in ("train", "val", "test"):
+        texts = [c for i in data.indices(split) for c in data.captions[i]]
+        tok = tower.tokenizer(texts, truncation=True, max_length=tower.max_tokens)["input_ids"]
+        ids = tower.forward_trunk(torch.tensor(np.concatenate(tok))).numpy().astype(np.float32)
+        feats[f"{split}_tokens"] = ids[:, None]
+        feats[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(t) for t in tok])]).astype(np.int64)
+    return feats
+
+
+def build_student(recipe: StudentRecipe, data: Flickr8k) -> tuple[DualEncoderModule, dict]:
+    """The training module (cache split, only the fine-tuned part trainable) and its vocab info."""
+    train_captions = [c for i in data.indices("train") for c in data.captions[i]]
+    kept = caption_vocabulary(train_captions, recipe.vocab_min_count)
+    module = DualEncoderModule(recipe.model_config(len(kept), finetune=False))
+    info = init_from_minilm(module.text_tower, kept)
+    image_top = module.image_tower.top_modules()
+    frozen = len(image_top) - 1 - recipe.finetune_blocks if recipe.finetune_blocks else len(image_top)
+    for m in image_top[: max(0, frozen)]:
+        m.requires_grad_(False)
+    return module, {"vocab_size": len(kept), **info}
+
+
+def _step_embeddings(module: DualEncoderModule, split: CachedSplit, rows, views, captions):
+    img = module.image_head(module.image_tower.forward_top(split.image_batch(rows, views)))
+    states, mask = split.caption_batch(captions)
+    txt = module.text_head(module.text_tower.forward_top(states, mask))
+    return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+
+
+def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe, progress: bool = True) -> dict:
+    """Train, keep the best epoch on val, save the checkpoint; returns the training history."""
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    data = Flickr8k.load(data_root)
+    needs_teacher = recipe.loss != "contrastive" or recipe.embed_weight > 0
+    if needs_teacher:
+        targets = teacher_targets(data, recipe.teacher)
+        t_images = torch.from_numpy(targets["train_images"].astype(np.float32))
+        t_texts = torch.from_numpy(targets["train_texts"].astype(np.float32))
+        teacher_scale = float(targets["logit_scale"])
+
+    module, vocab_info = build_student(recipe, data)
+    image_feats = cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks)
+    text_feats = caption_id_features(data, module)
+    train = CachedSplit.from_features(image_feats, text_feats, "train")
+    val = CachedSplit.from_features(image_feats, text_feats, "val")
+
+    image_tower_params = [p for p in module.image_tower.parameters() if p.requires_grad]
+    image_ids = {id(p) for p in image_tower_params}
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in image_ids]
+    groups = [{"params": rest, "lr": recipe.lr}]
+    if image_tower_params:
+        groups.append({"params": image_tower_params, "lr": recipe.tower_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    steps_per_epoch = len(train) // recipe.batch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=recipe.epochs * steps_per_epoch, pct_start=0.1
+    )
+    kwargs = {"eps": recipe.wsd_eps} if recipe.loss == "wsd" else {}
+    objective = DistillationObjective(recipe.loss, recipe.contrastive_weight, recipe.distill_weight, **kwargs)
+
+    history, best, best_state = [], -1.0, None
+    for epoch in range(1, recipe.epochs + 1):
+        _set_train_mode(module)
+        started, totals = time.time(), {}
+        batches = train.sample_epoch(recipe.batch_size, rng)
+        for rows, views, captions in tqdm(batches, desc=f"{recipe.loss} epoch {epoch}", total=steps_per_epoch,
+                                          leave=False, disable=not progress):
+            img, txt = _step_embeddings(module, train, rows, views, captions)
+            scale = module.logit_scale.exp().clamp(max=100)
+            if needs_teacher:
+                t_img = t_images[torch.from_numpy(rows), torch.from_numpy(views)]
+                t_txt = t_texts[torch.from_numpy(captions)]
+                loss, parts = objective(img @ txt.T, t_img @ t_txt.T, scale, teacher_scale)
+            else:
+                loss, parts = objective(img @ txt.T, None, scale)
+            if recipe.embed_weight:
+                embed = (2 - (img * t_img).sum(-1).mean() - (txt * t_txt).sum(-1).mean())
+                loss = loss + recipe.embed_weight * embed
+                parts["embed"] = float(embed.detach())
+            parts["total"] = float(loss.detach())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v / steps_per_epoch
+        metrics = cached_metrics(module, val)
+        entry = {"epoch": epoch, "loss": totals, "val_rsum": metrics["rsum"], "val": metrics,
+                 "temperature": float(1 / module.logit_scale.exp()), "seconds": time.time() - started}
+        history.append(entry)
+        print(f"[{recipe.loss}] epoch {epoch:2d}  loss {totals['total']:.3f}  val rsum {metrics['rsum']:.1f}  "
+              f"({entry['seconds']:.0f}s)", flush=True)
+        if metrics["rsum"] > best:
+            best, best_state = metrics["rsum"], copy.deepcopy(module.state_dict())
+    module.load_state_dict(best_state)
+    config = recipe.model_config(vocab_info["vocab_size"])
+    final = DualEncoderModule(config)
+    final.load_state_dict(module.state_dict())
+    best_epoch = max(history, key=lambda h: h["val_rsum"])
+    metadata = {"recipe": asdict(recipe), "best_epoch": best_epoch["epoch"], "val": best_epoch["val"],
+                "vocab": vocab_info, "data": "Flickr8k train, selected on val",
+                "teacher_sha256_16": _file_digest(Path(recipe.teacher)) if needs_teacher else None}
+    save_checkpoint(final, config, out, metadata)
+    return {"recipe": asdict(recipe), "history": history, "best_epoch": best_epoch["epoch"],
+            "val": best_epoch["val"], "checkpoint": str(out), **vocab_info}
+
+
+def recipe_for(base: StudentRecipe, **changes) -> StudentRecipe:
+    return replace(base, **changes)
+
+
+# -- ablation -----------------------------------------------------------------------------------
+
+ABLATION_COLUMNS = ["loss", "contrastive_weight", "distill_weight", "embed_weight", "best_epoch", "val_rsum",
+                    "test_rsum", "t2i_R@1", "i2t_R@1", "params", "size_mb", "text_query_ms", "images_per_s",
+                    "rsum_vs_teacher", "params_ratio", "text_speedup", "image_speedup", "train_seconds"]
+
+
+def ablation_row(name: str, recipe: StudentRecipe, trained: dict, result: dict, teacher: dict) -> dict:
+    """One table row: the student's test numbers and its ratios to the teacher's (teacher / student)."""
+    def ratio(a, b):
+        return round(a / b, 2) if a == a and b == b and b else None  # NaN / 0 -> not measured yet
+
+    return {
+        "loss": name, "contrastive_weight": recipe.contrastive_weight,
+        "distill_weight": 0.0 if recipe.loss == "contrastive" else recipe.distill_weight,
+        "embed_weight": recipe.embed_weight, "best_epoch": trained["best_epoch"],
+        "val_rsum": round(trained["val"]["rsum"], 1), "test_rsum": round(result["rsum"], 1),
+        "t2i_R@1": round(result["t2i"]["R@1"], 1), "i2t_R@1": round(result["i2t"]["R@1"], 1),
+        "params": result["params"], "size_mb": result["size_mb"], "text_query_ms": result["text_query_ms"],
+        "images_per_s": result["images_per_s"],
+        "rsum_vs_teacher": None if ratio(result["rsum"], teacher["rsum"]) is None
+        else round(result["rsum"] / teacher["rsum"], 4),
+        "params_ratio": ratio(teacher["params"], result["params"]),
+        "text_speedup": ratio(teacher["text_query_ms"], result["text_query_ms"]),
+        "image_speedup": ratio(result["images_per_s"], teacher["images_per_s"]),
+        "train_seconds": round(sum(h["seconds"] for h in trained["history"])),
+    }
+
+
+def write_ablation(path_json: str | Path, rows: list[dict], header: dict) -> None:
+    """The table as JSON (with the command, machine and teacher numbers) and as CSV, atomically."""
+    import csv
+    import io
+
+    from matcher.atomic import write_json
+
+    write_json(path_json, {**header, "rows": rows})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=ABLATION_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(Path(path_json).with_suffix(".csv")) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``wsd`` or ``wsd+embed`` (adds the embedding-distillation term) or ``mse:0`` (no contrastive)."""
+    changes: dict = {}
+    name = spec
+    if "+embed" in name:
+        name = name.replace("+embed", "")
+        changes["embed_weight"] = 1.0
+    if ":" in name:
+        name, weight = name.split(":", 1)
+        changes["contrastive_weight"] = float(weight)
+    changes["loss"] = name
+    return spec, changes
+
+
+def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe, variants: list[str],
+                 results: str | Path, gallery_path: str | Path, split: str = "test", command: str = "") -> dict:
+    """Train every variant with the same recipe/budget/seed; tabulate recall, costs and teacher ratios.
+
+    Every variant has the same architecture, so costs (params, text-query latency, image throughput)
+    are measured once, with ``evaluate_matcher`` (the code path of ``python -m matcher eval``) on
+    the checkpoint that is best on val; the teacher gets the same treatment. Per-variant test recall
+    comes from the cached test trunk features (float16 cache, same weights); the best variant's
+    full-pipeline test recall is stored in the header next to it. The table is rewritten after
+    every variant so a long run can be watched.
+    """
+    from matcher.evaluate import evaluate_matcher, machine_description
+    from matcher.gallery import open_gallery
+
+    data = Flickr8k.load(data_root)
+    header = {"command": command, "split": split, "machine": machine_description(),
+              "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "seed": base.seed},
+              "recipe": asdict(base),
+              "note": "test recall per row from cached trunk features; costs measured once (same architecture) "
+                      "on the best-on-val checkpoint with matcher.evaluate.evaluate_matcher"}
+    rows, trained_runs = [], []
+    pending = {"rsum": float("nan"), "params": 0, "text_query_ms": float("nan"), "images_per_s": float("nan")}
+    for spec in variants:
+        name, changes = parse_variant(spec)
+        recipe = replace(base, **changes)
+        ckpt = Path(out_dir) / f"student-{name.replace(':', '-c').replace('+', '-')}.pt"
+        trained = train_student(data_root, ckpt, recipe, progress=False)
+        module = load_checkpoint(ckpt).module
+        test = CachedSplit.from_features(
+            cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks),
+            caption_id_features(data, module), split)
+        result = {**cached_metrics(module, test), **{k: pending[k] for k in ("params", "text_query_ms", "images_per_s")},
+                  "size_mb": float("nan")}
+        trained_runs.append((name, recipe, trained, result, ckpt))
+        print(f"[{name}] val rsum {trained['val']['rsum']:.1f}  {split} rsum {result['rsum']:.1f}", flush=True)
+        rows = [ablation_row(n, r, t, res, pending) for n, r, t, res, _ in trained_runs]
+        write_ablation(results, rows, header)
+
+    gallery = open_gallery(gallery_path).select(split)
+    teacher, _ = evaluate_matcher(base.teacher, gallery)
+    best_name, _, best_trained, _, best_ckpt = max(trained_runs, key=lambda r: r[2]["val"]["rsum"])  # val, never test
+    student, _ = evaluate_matcher(str(best_ckpt), gallery)
+    costs = {k: student[k] for k in ("params", "size_mb", "text_query_ms", "images_per_s")}
+    keep = ("t2i", "i2t", "rsum", "params", "size_mb", "text_query_ms", "images_per_s")
+    header.update(teacher={k: teacher[k] for k in keep}, best_on_val=best_name, best_checkpoint=str(best_ckpt),
+                  best_full_pipeline={k: student[k] for k in keep})
+    rows = [ablation_row(n, r, t, {**res, **costs}, teacher) for n, r, t, res, _ in trained_runs]
+    write_ablation(results, rows, header)
+    best = next(r for r in rows if r["loss"] == best_name)
+    return {"rows": rows, "best": {**best, "checkpoint": str(best_ckpt)}, "teacher": teacher, "student": student}
