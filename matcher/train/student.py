@@ -60,6 +60,7 @@ class StudentRecipe:
     embed_dim: int = 256
     head_dropout: float = 0.3
     epochs: int = 15
+    caption_passes: int = 1      # passes over the images per epoch, each with a fresh random caption
     batch_size: int = 256
     lr: float = 1e-3             # heads, text tower (trained from a PCA init) and logit scale
     tower_lr: float = 1e-4       # fine-tuned image blocks (ImageNet-pretrained)
@@ -189,7 +190,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     if image_tower_params:
         groups.append({"params": image_tower_params, "lr": recipe.tower_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
-    steps_per_epoch = len(train) // recipe.batch_size
+    steps_per_epoch = recipe.caption_passes * (len(train) // recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=recipe.epochs * steps_per_epoch, pct_start=0.1
     )
@@ -200,7 +201,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     for epoch in range(1, recipe.epochs + 1):
         _set_train_mode(module)
         started, totals = time.time(), {}
-        batches = train.sample_epoch(recipe.batch_size, rng)
+        batches = (b for _ in range(recipe.caption_passes) for b in train.sample_epoch(recipe.batch_size, rng))
         for rows, views, captions in tqdm(batches, desc=f"{recipe.loss} epoch {epoch}", total=steps_per_epoch,
                                           leave=False, disable=not progress):
             img, txt = _step_embeddings(module, train, rows, views, captions)

@@ -42,10 +42,10 @@ class TeacherRecipe:
     head_dropout: float = 0.5
     probe_epochs: int = 30       # phase 1: heads on frozen pooled features (5 captions per image)
     probe_lr: float = 1e-3
-    epochs: int = 6              # phase 2: tops + heads
+    epochs: int = 10             # phase 2: tops + heads
     batch_size: int = 256
     lr: float = 1e-4             # heads in phase 2
-    tower_lr: float = 5e-5       # fine-tuned tower tops
+    tower_lr: float = 1e-4       # fine-tuned tower tops
     weight_decay: float = 0.05
     seed: int = 0
 
