@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server import REPO, AppServer  # noqa: E402
+from server import REPO, AppServer, gallery_items  # noqa: E402
 
 
 def captions(n: int) -> list[str]:
@@ -47,7 +47,7 @@ def run_client(url: str, queries: list[str], k: int, latencies: list, errors: li
         try:
             out = client.predict(text=q, k=k, api_name="/search_text")
             elapsed = (time.perf_counter() - started) * 1000
-            filled = [g for g in out[2::2] if isinstance(g, list) and len(g) == k]
+            filled = [g for g in out[2::2] if len(gallery_items(g)) == k]
             if len(filled) < expected_columns:
                 errors.append(f"only {len(filled)} of {expected_columns} columns filled for {q!r}: {out[0]}")
             else:
@@ -78,7 +78,7 @@ def main() -> None:
         from gradio_client import Client
 
         probe = Client(url, verbose=False, download_files=False).predict(text="a dog", k=args.k, api_name="/search_text")  # warm path
-        columns = args.columns or sum(1 for g in probe[2::2] if isinstance(g, list) and g)
+        columns = args.columns or sum(1 for g in probe[2::2] if gallery_items(g))
         pool = captions(args.clients * args.queries)
         latencies, errors, threads = [], [], []
         started = time.perf_counter()

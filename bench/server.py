@@ -66,3 +66,10 @@ class AppServer:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def gallery_items(output) -> list:
+    """The items of a gallery output as gradio_client returns it: a list, or an update dict with 'value'."""
+    if isinstance(output, dict):
+        output = output.get("value")
+    return output if isinstance(output, list) else []
