@@ -65,3 +65,18 @@ def test_published_points_are_labelled_and_drawn_apart(results_dir):
     annotations = [a.text for a in fig.layout.annotations]
     assert len(annotations) == len(table) and all(PUBLISHED_LABEL in a for a in annotations)
     assert any("measured here" in (t.name or "") for t in fig.data)
+
+
+def test_shipped_file_shapes_are_plotted(tmp_path):
+    """The ablation reports test_rsum; the scale benchmark p50_ms against recall_at_k per N."""
+    (tmp_path / "ablation.json").write_text(json.dumps({"rows": [
+        {"loss": "listnet", "test_rsum": 205.0, "val_rsum": 212.0, "text_query_ms": 1.1}]}))
+    (tmp_path / "bench.json").write_text(json.dumps({"records": [
+        {"N": 1000, "method": "float-flat", "p50_ms": 0.01, "recall_at_k": 1.0},
+        {"N": 1000000, "method": "binary+rerank C=100", "p50_ms": 0.6, "recall_at_k": 0.39}]}))
+    res = load_results(tmp_path)
+    ablation = tradeoff_points(res, "text-query latency (ms)", "rsum").points
+    assert ablation[["label", "accuracy"]].values.tolist() == [["listnet", 205.0]]
+    bench = tradeoff_points(res, "search latency at N (ms)", "recall@10 vs exact search").points
+    assert bench["label"].tolist() == ["float-flat @ N=1,000", "binary+rerank C=100 @ N=1,000,000"]
+    assert bench["speed"].tolist() == [0.01, 0.6]
