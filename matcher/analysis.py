@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from matcher.gallery import Gallery
+from matcher.metrics import t2i_ranks
 from matcher.search import SearchOptions
 
 DEPTH = 100   # how deep non-float matchers are searched; ranks at or beyond this are censored
@@ -62,9 +63,7 @@ def rank_float(embeddings, texts: list[str], owners: list[str], k: int) -> Ranki
     sim = embeddings.captions[rows] @ embeddings.images.T
     top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     gt_rows = np.array([name_row.get(o, -1) for o in owners])
-    gt_score = np.where(gt_rows >= 0, sim[np.arange(len(sim)), np.maximum(gt_rows, 0)], np.inf)
-    ranks = (sim > gt_score[:, None]).sum(axis=1)
-    ranks = np.where(gt_rows >= 0, ranks, len(embeddings.names))
+    ranks = np.where(gt_rows >= 0, t2i_ranks(sim, np.maximum(gt_rows, 0)), len(embeddings.names))
     return Ranking([[embeddings.names[j] for j in row] for row in top], ranks, cap=len(embeddings.names))
 
 

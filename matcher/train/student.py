@@ -32,7 +32,7 @@ from matcher.paths import cache_dir
 from matcher.student_towers import caption_vocabulary, init_from_minilm
 from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
-from matcher.train.teacher import _set_train_mode, cached_metrics
+from matcher.train.teacher import _set_train_mode, cached_metrics, embed_split
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +85,6 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def embed_views(module: DualEncoderModule, split: CachedSplit, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-norm embeddings of *every* image view [N, V, D] and every caption [5N, D] of a split."""
-    module.eval()
-    views, texts = [], []
-    with torch.inference_mode():
-        for v in range(split.images.shape[1]):
-            chunks = []
-            for start in range(0, len(split), batch_size):
-                rows = np.arange(start, min(start + batch_size, len(split)))
-                x = split.image_batch(rows, np.full(len(rows), v))
-                chunks.append(module.image_head(module.image_tower.forward_top(x)))
-            views.append(F.normalize(torch.cat(chunks), dim=-1))
-        n_captions = len(split.offsets) - 1
-        for start in range(0, n_captions, batch_size):
-            states, mask = split.caption_batch(np.arange(start, min(start + batch_size, n_captions)))
-            texts.append(module.text_head(module.text_tower.forward_top(states, mask)))
-    return torch.stack(views, 1).numpy(), F.normalize(torch.cat(texts), dim=-1).numpy()
-
-
 def teacher_targets(data: Flickr8k, teacher_path: str | Path) -> dict[str, np.ndarray]:
     """The teacher's train image-view and caption embeddings and its logit scale, cached on disk.
 
@@ -122,8 +103,8 @@ def teacher_targets(data: Flickr8k, teacher_path: str | Path) -> dict[str, np.nd
     text_feats = cached_text_features(data, txt_cfg["trainable_layers"])
     targets = {"logit_scale": np.array(float(module.logit_scale.exp().clamp(max=100)))}
     for split in ("train", "val"):
-        images, texts = embed_views(module, CachedSplit.from_features(image_feats, text_feats, split))
-        targets[f"{split}_images"], targets[f"{split}_texts"] = images.astype(np.float16), texts.astype(np.float16)
+        images, texts = embed_split(module, CachedSplit.from_features(image_feats, text_feats, split))
+        targets[f"{split}_images"], targets[f"{split}_texts"] = images.half().numpy(), texts.half().numpy()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **targets)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,41 +80,39 @@ def _set_train_mode(module: DualEncoderModule) -> None:
             m.eval()
 
 
-def embed_cached(module: DualEncoderModule, split: CachedSplit, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-norm (image, caption) embeddings of a cached split, first view only."""
+def embed_split(module: DualEncoderModule, split: CachedSplit, project: bool = True,
+                batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image view [N, V, D] and every caption [5N, D] of a cached split, tops run from the cache.
+
+    ``project``: unit-norm head outputs (the shared space); otherwise the towers' pooled features
+    (what the linear probe trains on).
+    """
     module.eval()
-    images, texts = [], []
+
+    def out(image_or_text: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+        return torch.nn.functional.normalize(head(image_or_text), dim=-1) if project else image_or_text
+
+    views, texts = [], []
+    n_captions = len(split.offsets) - 1
     with torch.inference_mode():
-        for start in range(0, len(split), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(split)))
-            images.append(module.image_head(module.image_tower.forward_top(split.image_batch(rows))))
-        n_captions = len(split.offsets) - 1
-        for start in range(0, n_captions, batch_size):
+        for v in range(split.images.shape[1]):
+            chunks = []
+            for start in tqdm(range(0, len(split), batch_size), desc=f"images, view {v}", leave=False):
+                rows = np.arange(start, min(start + batch_size, len(split)))
+                chunks.append(out(module.image_tower.forward_top(split.image_batch(rows, np.full(len(rows), v))),
+                                  module.image_head))
+            views.append(torch.cat(chunks))
+        for start in tqdm(range(0, n_captions, batch_size), desc="captions", leave=False):
             states, mask = split.caption_batch(np.arange(start, min(start + batch_size, n_captions)))
-            texts.append(module.text_head(module.text_tower.forward_top(states, mask)))
-    norm = torch.nn.functional.normalize
-    return norm(torch.cat(images), dim=-1).numpy(), norm(torch.cat(texts), dim=-1).numpy()
+            texts.append(out(module.text_tower.forward_top(states, mask), module.text_head))
+    return torch.stack(views, 1), torch.cat(texts)
 
 
 def cached_metrics(module: DualEncoderModule, split: CachedSplit) -> dict:
-    images, texts = embed_cached(module, split)
-    return retrieval_metrics(texts @ images.T, np.repeat(np.arange(len(split)), split.captions_per_image))
-
-
-def _pooled(module: DualEncoderModule, split: CachedSplit, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen-tower features: images [N, views, 1280], captions [5N, 384]."""
-    module.eval()
-    images, texts = [], []
-    n_views, n_captions = split.images.shape[1], len(split.offsets) - 1
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(split), batch_size), desc="pooling images", leave=False):
-            rows = np.arange(start, min(start + batch_size, len(split)))
-            views = [module.image_tower.forward_top(split.image_batch(rows, np.full(len(rows), v))) for v in range(n_views)]
-            images.append(torch.stack(views, 1))
-        for start in tqdm(range(0, n_captions, batch_size), desc="pooling captions", leave=False):
-            states, mask = split.caption_batch(np.arange(start, min(start + batch_size, n_captions)))
-            texts.append(module.text_tower.forward_top(states, mask))
-    return torch.cat(images), torch.cat(texts)
+    """Recall on a cached split (first image view), from the same computation as training."""
+    images, texts = embed_split(module, split)
+    caption_image = np.repeat(np.arange(len(split)), split.captions_per_image)
+    return retrieval_metrics((texts @ images[:, 0].T).numpy(), caption_image)
 
 
 def _clip_loss(module: DualEncoderModule, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -149,8 +146,8 @@ class _Best:
 def probe_heads(module: DualEncoderModule, train: CachedSplit, val: CachedSplit, recipe: TeacherRecipe,
                 rng: np.random.Generator, best: _Best) -> None:
     """Phase 1: heads (and temperature) on pooled frozen features; each epoch uses every caption."""
-    train_img, train_txt = _pooled(module, train)
-    val_img, val_txt = _pooled(module, val)
+    train_img, train_txt = embed_split(module, train, project=False)
+    val_img, val_txt = embed_split(module, val, project=False)
     params = [*module.image_head.parameters(), *module.text_head.parameters(), module.logit_scale]
     optimizer = torch.optim.AdamW(params, lr=recipe.probe_lr, weight_decay=recipe.weight_decay)
     per_epoch = train.captions_per_image * (len(train) // recipe.batch_size)
