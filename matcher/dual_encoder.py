@@ -59,9 +59,13 @@ class TowerEncoder(Encoder):
     def __init__(self, name: str, module: DualEncoderModule, config: dict):
         self.name, self.module, self.config = name, module.eval(), config
         self.preprocess = image_transform(module.image_tower.image_size)
+        # EfficientNet's depthwise convolutions run ~3x faster on CPU in channels-last layout
+        # (Lite2@224: 31 -> 90 images/s measured). Both teacher and student get it, so speed
+        # ratios compare two equally optimised models.
+        module.image_tower.to(memory_format=torch.channels_last)
 
     def _image_forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.module.image_embed(pixels)
+        return self.module.image_embed(pixels.contiguous(memory_format=torch.channels_last))
 
     def _text_forward(self, texts: list[str]) -> torch.Tensor:
         return self.module.text_embed(texts)
