@@ -1,0 +1,140 @@
+"""What limits the student's image side: how much it loses to its input resolution, and what each size costs.
+
+For EfficientNet-Lite0 at several input sizes (frozen ImageNet weights, pooled 1280-d features)
+this trains only a linear head into the *teacher's* 256-d space, paired with the teacher's own
+caption embeddings (contrastive + listnet on the teacher's matrix + cosine to the teacher's image
+embedding), and reports val rsum. Because the text side is the teacher's, the number isolates the
+image tower: it is the accuracy a student with that image input could reach without fine-tuning.
+Next to it, the tower's throughput (batch 8, channels-last, no preprocessing) and the teacher's.
+
+    python bench/student_limits.py [--sizes 112,128,144,160] [--json assets/results/student-limits.json]
+
+Needs the teacher's targets cache (built by ``train-student``) and the Flickr8k folder.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from matcher.atomic import write_json  # noqa: E402
+from matcher.cli import DEFAULT_DATA  # noqa: E402
+from matcher.evaluate import machine_description  # noqa: E402
+from matcher.metrics import retrieval_metrics  # noqa: E402
+from matcher.towers import EfficientNetLiteTower, image_transform  # noqa: E402
+from matcher.train.features import Flickr8k  # noqa: E402
+from matcher.train.student import DEFAULT_TEACHER, teacher_targets  # noqa: E402
+
+
+def pooled_features(data: Flickr8k, size: int) -> dict[str, torch.Tensor]:
+    """Frozen Lite0 pooled features: train [N, 2 views, 1280] (original + flip), val [N, 1280]."""
+    tower = EfficientNetLiteTower("efficientnet-lite0", size, 0).eval().to(memory_format=torch.channels_last)
+    transform = image_transform(size)
+    out = {}
+    with torch.inference_mode():
+        for split in ("train", "val"):
+            idx, chunks = data.indices(split), []
+            for start in tqdm(range(0, len(idx), 50), desc=f"lite0@{size} {split}", leave=False):
+                x = torch.stack([transform(Image.open(data.root / "images" / data.images[i]))
+                                 for i in idx[start:start + 50]]).contiguous(memory_format=torch.channels_last)
+                views = [tower(x), tower(x.flip(-1))] if split == "train" else [tower(x)]
+                chunks.append(torch.stack(views, 1))
+            out[split] = torch.cat(chunks)
+    out["val"] = out["val"][:, 0]
+    return out
+
+
+def probe(features: dict[str, torch.Tensor], targets: dict[str, np.ndarray], epochs: int = 30, seed: int = 0) -> dict:
+    """Linear head into the teacher's space; val recall against the teacher's caption embeddings."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    t_img = torch.from_numpy(targets["train_images"].astype(np.float32))
+    t_txt = torch.from_numpy(targets["train_texts"].astype(np.float32))
+    t_scale = float(targets["logit_scale"])
+    head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(1280, 256))
+    log_scale = torch.nn.Parameter(torch.tensor(3.0))
+    optimizer = torch.optim.AdamW([*head.parameters(), log_scale], lr=1e-3, weight_decay=0.05)
+    n, batch = len(features["train"]), 256
+    steps = epochs * 5 * (n // batch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps)
+    labels = torch.arange(batch)
+    head.train()
+    for _ in range(epochs * 5):  # 5 passes per epoch, a fresh random caption each
+        order = rng.permutation(n)
+        for start in range(0, n - batch + 1, batch):
+            rows = order[start:start + batch]
+            views, captions = rng.integers(0, 2, batch), rows * 5 + rng.integers(0, 5, batch)
+            img = F.normalize(head(features["train"][rows, views]), dim=-1)
+            txt, teacher_img = t_txt[captions], t_img[rows, views]
+            logits, teacher_logits = log_scale.exp() * img @ txt.T, t_scale * teacher_img @ txt.T
+            loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+            for s, t in ((logits, teacher_logits), (logits.T, teacher_logits.T)):
+                loss = loss - (F.softmax(t, 1) * F.log_softmax(s, 1)).sum(1).mean()
+            loss = loss + (1 - (img * teacher_img).sum(-1)).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    head.eval()
+    with torch.no_grad():
+        img = F.normalize(head(features["val"]), dim=-1)
+    sim = torch.from_numpy(targets["val_texts"].astype(np.float32)) @ img.T
+    return retrieval_metrics(sim.numpy(), np.repeat(np.arange(len(img)), 5))
+
+
+def tower_throughput(variant: str, size: int, rounds: int = 5) -> float:
+    """Images/s of the tower alone (batch 8, channels-last, inference), median of ``rounds``."""
+    tower = EfficientNetLiteTower(variant, size, 0).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, size, size).contiguous(memory_format=torch.channels_last)
+    rates = []
+    with torch.inference_mode():
+        for _ in range(3):
+            tower(x)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for _ in range(8):
+                tower(x)
+            rates.append(64 / (time.perf_counter() - started))
+    return float(np.median(rates))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--sizes", default="112,128,144,160")
+    parser.add_argument("--json", default="assets/results/student-limits.json")
+    args = parser.parse_args()
+    data = Flickr8k.load(args.data)
+    targets = teacher_targets(data, DEFAULT_TEACHER)
+    teacher_val = retrieval_metrics(targets["val_texts"].astype(np.float32) @ targets["val_images"][:, 0].astype(np.float32).T,
+                                    np.repeat(np.arange(len(targets["val_images"])), 5))
+    teacher_rate = tower_throughput("efficientnet-lite2", 224)
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",") if s.strip()]:
+        metrics = probe(pooled_features(data, size), targets)
+        rate = tower_throughput("efficientnet-lite0", size)
+        rows.append({"image_tower": f"efficientnet-lite0@{size}", "val_rsum": round(metrics["rsum"], 1),
+                     "t2i_R@1": round(metrics["t2i"]["R@1"], 1), "i2t_R@1": round(metrics["i2t"]["R@1"], 1),
+                     "images_per_s": round(rate, 1), "speedup_vs_teacher_tower": round(rate / teacher_rate, 2)})
+        print(rows[-1], flush=True)
+    write_json(args.json, {
+        "command": "python bench/student_limits.py " + " ".join(sys.argv[1:]),
+        "machine": machine_description(),
+        "note": "frozen Lite0 + linear head into the teacher's space, val recall against the teacher's captions; "
+                "throughput = tower only, batch 8, channels-last",
+        "teacher": {"image_tower": "efficientnet-lite2@224 (fine-tuned)", "val_rsum": round(teacher_val["rsum"], 1),
+                    "images_per_s": round(teacher_rate, 1)},
+        "rows": rows})
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
