@@ -1,0 +1,183 @@
+"""Fine-grained tiers on hand-made tensors: max-sum aggregation with known answers, code pooling,
+the hinge loss with hardest negatives, re-ranking under the protocol, and short seeded training."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matcher.finegrained.evaluate import Encoded, rerank_metrics, score_shortlists
+from matcher.finegrained.features import FineSplit
+from matcher.finegrained.scorers import AlignmentScorer, CodePooling, CodeScorer, max_sum, max_sum_pairs
+from matcher.finegrained.train import FineRecipe, batch_scores, train_scorer
+from matcher.losses import TripletHingeLoss, build_loss
+from matcher.metrics import retrieval_metrics
+
+
+# --- max-sum aggregation ---------------------------------------------------------------------
+
+def hand_made():
+    """2 images x 2 regions, 2 texts x 3 token slots (text 1 has one padding slot), in 2-d."""
+    image = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],     # image 0: regions along x and y
+                          [[0.6, 0.8], [-1.0, 0.0]]])   # image 1
+    text = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]],
+                         [[0.0, -1.0], [1.0, 0.0], [5.0, 5.0]]])  # last slot is padding
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    return image, text, mask
+
+
+def test_max_sum_known_answer():
+    image, text, mask = hand_made()
+    s = max_sum(image, text, mask, "sum")
+    # image 0 / text 0: words x, y, (.6,.8) -> best regions 1, 1, .8 -> 2.8
+    # image 0 / text 1: words -y, x -> max(0, -1)=0, 1 -> 1.0 (padding ignored)
+    # image 1 / text 0: x -> max(.6, -1)=.6; y -> .8; (.6,.8) -> 1 -> 2.4
+    # image 1 / text 1: -y -> max(-.8, 0)=0; x -> .6 -> 0.6
+    expected = torch.tensor([[2.8, 1.0], [2.4, 0.6]])
+    assert torch.allclose(s, expected, atol=1e-6)
+    assert torch.allclose(max_sum(image, text, mask, "mean"), expected / torch.tensor([3.0, 2.0]), atol=1e-6)
+
+
+def test_max_sum_pairs_is_the_diagonal_and_rejects_unknown_reduce():
+    image, text, mask = hand_made()
+    full = max_sum(image, text, mask, "mean")
+    assert torch.allclose(max_sum_pairs(image, text, mask, "mean"), full.diagonal(), atol=1e-6)
+    with pytest.raises(ValueError):
+        max_sum(image, text, mask, "max")
+
+
+def heads(seed=0, d_img=12, d_txt=10, dim=6):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(d_img, dim), torch.nn.Linear(d_txt, dim)
+
+
+def test_alignment_projections_start_at_the_dual_encoder():
+    """Mean-pooling the projected regions equals the head applied to pooled features."""
+    image_head, text_head = heads()
+    scorer = AlignmentScorer(image_head, text_head).eval()
+    regions = torch.randn(3, 5, 12)
+    pooled = scorer.project_regions(regions).mean(1)
+    assert torch.allclose(pooled, image_head(regions.mean(1)), atol=1e-5)
+
+
+# --- code pooling ------------------------------------------------------------------------------
+
+def test_code_pooling_shapes_weights_and_uniform_start():
+    torch.manual_seed(0)
+    pool = CodePooling(codes=4, dim=6)
+    x = torch.randn(3, 7, 6)
+    attn = pool.attention(x)
+    assert attn.shape == (3, 4, 7)
+    assert torch.allclose(attn.sum(-1), torch.ones(3, 4), atol=1e-6)
+    assert pool(x).shape == (3, 4, 6)
+    with torch.no_grad():
+        pool.queries.zero_()  # zero queries -> uniform attention -> every code is the region mean
+    assert torch.allclose(pool(x), x.mean(1, keepdim=True).expand(-1, 4, -1), atol=1e-6)
+
+
+def test_code_pooling_follows_its_query():
+    """A query aligned with one region's key, scaled up, pools (almost) only that region."""
+    pool = CodePooling(codes=1, dim=2)
+    with torch.no_grad():
+        pool.key.weight.copy_(torch.eye(2))
+        pool.key.bias.zero_()
+        pool.queries.copy_(torch.tensor([[0.0, 100.0]]))
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    assert torch.allclose(pool(x)[0, 0], torch.tensor([0.0, 1.0]), atol=1e-4)
+
+
+def test_code_scorer_encodes_m_unit_codes_and_shrinks():
+    image_head, text_head = heads()
+    big = CodeScorer(image_head, text_head, codes=8).eval()
+    codes = big.encode_image(torch.randn(3, 5, 12))
+    assert codes.shape == (3, 8, 6)
+    assert torch.allclose(codes.norm(dim=-1), torch.ones(3, 8), atol=1e-5)
+    small = CodeScorer.shrunk_from(big, 2)
+    assert small.codes == 2 and torch.equal(small.pool.queries, big.pool.queries[:2])
+    tokens, mask = torch.randn(4, 3, 10), torch.ones(4, 3, dtype=torch.bool)
+    assert small.score(small.encode_image(torch.randn(3, 5, 12)), small.encode_text(tokens, mask), mask).shape == (3, 4)
+
+
+# --- hinge loss --------------------------------------------------------------------------------
+
+def test_triplet_hinge_hardest_known_answer():
+    sim = torch.tensor([[0.9, 0.8, 0.1],
+                        [0.2, 0.5, 0.6],
+                        [0.0, 0.1, 0.7]])
+    # image anchors (rows): violations relu(.2 + S_ij - S_ii): row0 max(.1, 0)=.1; row1 max(0, .3)=.3; row2 max(0,0)=0
+    # text anchors (cols): relu(.2 + S_ij - S_jj): col0 max(0, 0)=0; col1 max(.5, 0)=.5; col2 max(0, .1)=.1
+    loss = TripletHingeLoss(margin=0.2)(sim, None)
+    assert loss.item() == pytest.approx((0.1 + 0.3 + 0.0) / 3 + (0.0 + 0.5 + 0.1) / 3, abs=1e-6)
+    summed = TripletHingeLoss(margin=0.2, hardest=False)(sim, None)
+    assert summed.item() == pytest.approx((0.1 + 0.3 + 0.0) / 3 + (0.0 + 0.5 + 0.1) / 3, abs=1e-6)  # one violation each
+    assert isinstance(build_loss("triplet"), TripletHingeLoss)
+
+
+def test_triplet_hinge_zero_when_margin_met_and_hardest_only_counts_the_worst():
+    assert TripletHingeLoss(0.2)(torch.eye(4), None).item() == 0.0
+    sim = torch.tensor([[1.0, 0.9, 0.9], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    hardest = TripletHingeLoss(0.2)(sim, None).item()
+    summed = TripletHingeLoss(0.2, hardest=False)(sim, None).item()
+    assert summed > hardest > 0
+
+
+def test_triplet_hinge_gradient_pushes_the_hardest_negative_down():
+    sim = torch.tensor([[0.5, 0.45, 0.1], [0.0, 0.5, 0.0], [0.0, 0.0, 0.5]], requires_grad=True)
+    TripletHingeLoss(0.2)(sim, None).backward()
+    assert sim.grad[0, 1] > 0 and sim.grad[0, 0] < 0 and sim.grad[0, 2] == 0
+
+
+# --- re-ranking under the protocol --------------------------------------------------------------
+
+class OracleScorer:
+    """Scores a pair 1 if the caption belongs to the image, else 0 (through ``score_pairs``)."""
+
+    def score_pairs(self, image, text, mask):
+        return (image[:, 0, 0] == text[:, 0, 0]).float()
+
+
+def test_rerank_fixes_the_shortlist_and_keeps_the_rest_in_dual_order():
+    n = 6
+    caption_image = np.repeat(np.arange(n), 5)
+    rng = np.random.default_rng(0)
+    dual = rng.standard_normal((5 * n, n)).astype(np.float32)
+    enc = Encoded(torch.arange(n, dtype=torch.float32).view(n, 1, 1),
+                  torch.from_numpy(caption_image.astype(np.float32)).view(-1, 1, 1), torch.ones(5 * n, 1, dtype=torch.bool))
+    lists = score_shortlists(OracleScorer(), enc, dual, candidates=5 * n)  # C = all: the oracle decides everything
+    assert rerank_metrics(dual, lists, caption_image)["rsum"] == pytest.approx(600.0)
+    lists0 = score_shortlists(OracleScorer(), enc, dual, candidates=1)
+    lists0.t2i_fine[:] = 0.0
+    lists0.i2t_fine[:] = 0.0  # C = 1 with constant fine scores: the dual order is unchanged
+    assert rerank_metrics(dual, lists0, caption_image)["rsum"] == pytest.approx(retrieval_metrics(dual, caption_image)["rsum"])
+
+
+# --- short seeded training ----------------------------------------------------------------------
+
+def tiny_split(n, seed, dim_img=12, dim_txt=10, regions=4, words=3):
+    """Images whose region 0 carries a latent, captions whose word 0 carries the same latent."""
+    rng = np.random.default_rng(seed)
+    mix_i, mix_t = np.random.default_rng(7).standard_normal((2, 4, dim_img))[0], np.random.default_rng(8).standard_normal((4, dim_txt))
+    z = rng.standard_normal((n, 4))
+    regs = rng.standard_normal((n, regions, dim_img))
+    regs[:, 0] += 3 * z @ mix_i
+    caps = rng.standard_normal((5 * n, words, dim_txt))
+    caps[:, 0] += 3 * np.repeat(z, 5, axis=0) @ mix_t
+    offsets = np.arange(0, 5 * n * words + 1, words)
+    return FineSplit(regs.astype(np.float16), caps.reshape(-1, dim_txt).astype(np.float16), offsets)
+
+
+def test_alignment_training_lowers_the_loss_and_keeps_the_best_val_epoch():
+    train, val = tiny_split(64, 0), tiny_split(16, 1)
+    image_head, text_head = heads()
+    recipe = FineRecipe(epochs=4, batch_size=16, lr=1e-2, candidates=16, dropout=0.0)
+    scorer = AlignmentScorer(image_head, text_head, "mean", 0.0)
+    rows, caps = np.arange(16), np.arange(16) * 5
+    hinge = TripletHingeLoss(recipe.margin)
+    with torch.no_grad():
+        before = hinge(batch_scores(scorer, train, rows, caps)).item()
+    dual = np.zeros((80, 16), dtype=np.float32)  # C = all images: val rsum is the fine scorer's own
+    out = train_scorer(scorer, train, val, dual, recipe, log=lambda *_: None)
+    with torch.no_grad():
+        after = hinge(batch_scores(scorer.eval(), train, rows, caps)).item()
+    assert after < before
+    assert out["best_epoch"] > 0 and out["val"]["rsum"] > out["history"][0]["val_rsum"]
+    assert out["val"]["rsum"] == max(h["val_rsum"] for h in out["history"])
