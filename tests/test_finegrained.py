@@ -181,3 +181,56 @@ def test_alignment_training_lowers_the_loss_and_keeps_the_best_val_epoch():
     assert after < before
     assert out["best_epoch"] > 0 and out["val"]["rsum"] > out["history"][0]["val_rsum"]
     assert out["val"]["rsum"] == max(h["val_rsum"] for h in out["history"])
+
+
+# --- cross-encoder and its decomposition ---------------------------------------------------------
+
+def tiny_cross(seed=0):
+    from matcher.finegrained.cross import CrossEncoder
+
+    image_head, text_head = heads(seed)
+    torch.manual_seed(seed)
+    return CrossEncoder(image_head, text_head, dim=16, layers=1, heads=2, ffn=32, dropout=0.0, regions=4, max_words=8).eval()
+
+
+def test_cross_encoder_scores_pairs_and_ignores_padding():
+    cross = tiny_cross()
+    regions, tokens = torch.randn(3, 4, 12), torch.randn(3, 3, 10)
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    with torch.no_grad():
+        s = cross.score_pairs(cross.encode_image(regions), cross.encode_text(tokens, mask), mask)
+        padded = torch.cat([tokens, 9 * torch.randn(3, 2, 10)], 1)
+        pmask = torch.cat([mask, torch.zeros(3, 2, dtype=torch.bool)], 1)
+        s_pad = cross.score_pairs(cross.encode_image(regions), cross.encode_text(padded, pmask), pmask)
+        other = cross.score_pairs(cross.encode_image(regions.flip(0)), cross.encode_text(tokens, mask), mask)
+    assert s.shape == (3,)
+    assert torch.allclose(s, s_pad, atol=1e-5)   # padding tokens are masked out
+    assert not torch.allclose(s, other)           # and the image does matter
+
+
+def test_hard_negatives_never_include_the_own_image():
+    from matcher.finegrained.cross_train import hard_negatives
+
+    dual = np.random.default_rng(0).standard_normal((20, 4))
+    cap_img = np.repeat(np.arange(4), 5)
+    neg = hard_negatives(dual, cap_img, 2)
+    assert neg.shape == (20, 2) and not (neg == cap_img[:, None]).any()
+
+
+def test_decomposition_starts_from_the_cross_encoder_and_training_lowers_its_loss():
+    from matcher.finegrained.cross import DecomposedEncoder
+    from matcher.finegrained.cross_train import CrossRecipe, decomposition_loss, train_decomposed
+
+    cross = tiny_cross()
+    decomposed = DecomposedEncoder(cross, embed_dim=8)
+    assert torch.equal(decomposed.cross.tokens.image_in.weight, cross.tokens.image_in.weight)
+    train, val = tiny_split(64, 0), tiny_split(16, 1)
+    rows, caps = np.arange(16), np.arange(16) * 5
+    with torch.no_grad():
+        before = decomposition_loss(decomposed.eval(), cross, train, rows, caps, 1.0).item()
+    recipe = CrossRecipe(decomp_steps=30, decomp_batch=16, decomp_lr=1e-2, eval_every=30)
+    train_decomposed(decomposed, cross, train, val, recipe, log=lambda *_: None)
+    with torch.no_grad():
+        after = decomposition_loss(decomposed.eval(), cross, train, rows, caps, 1.0).item()
+    assert after < before
+    assert decomposed.encode_image(torch.randn(2, 4, 12)).shape == (2, 1, 8)

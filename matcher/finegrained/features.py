@@ -108,7 +108,7 @@ def teacher_heads(teacher: str | Path = DEFAULT_TEACHER) -> tuple[torch.nn.Linea
     """Copies of the teacher's projection heads (1280->256, 384->256) and its logit scale."""
     module = load_checkpoint(teacher).module
     image_head, text_head = module.image_head[-1], module.text_head[-1]
-    return (_copy_linear(image_head), _copy_linear(text_head), float(module.logit_scale.exp().clamp(max=100)))
+    return (_copy_linear(image_head), _copy_linear(text_head), float(module.logit_scale.detach().exp().clamp(max=100)))
 
 
 def _copy_linear(layer: torch.nn.Linear) -> torch.nn.Linear:

@@ -1,0 +1,80 @@
+"""CLI commands of the fine-grained tiers: ``train-fine`` and ``eval-fine``.
+
+Registered from ``matcher.cli.build_parser`` (``add_commands``), like the hashing package's.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from matcher.atomic import write_json
+
+DEFAULT_TEACHER = "assets/models/offline-teacher.pt"
+
+
+def _threads(n: int) -> None:
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+def cmd_train_fine(args: argparse.Namespace) -> None:
+    from matcher.finegrained.features import dual_similarity, fine_features, teacher_heads
+    from matcher.finegrained.train import FineRecipe, build_scorer, load_scorer, save_scorer, train_scorer
+    from matcher.train.features import Flickr8k
+
+    _threads(args.threads)
+    overrides = {f.name: getattr(args, f.name) for f in fields(FineRecipe) if getattr(args, f.name, None) is not None}
+    recipe = FineRecipe(**overrides)
+    feats = fine_features(Flickr8k.load(args.data), args.teacher)
+    image_head, text_head, _ = teacher_heads(args.teacher)
+    teacher = None
+    if args.distill_from:  # shrink: start from the big scorer, learn from its in-batch scores
+        from matcher.finegrained.scorers import CodeScorer
+
+        teacher, big_recipe, _ = load_scorer(args.distill_from, image_head, text_head)
+        scorer = (CodeScorer.shrunk_from(teacher, recipe.codes) if recipe.tier == "codes" == big_recipe.tier
+                  else build_scorer(recipe, image_head, text_head))
+    else:
+        scorer = build_scorer(recipe, image_head, text_head)
+    dual_val = dual_similarity(feats["val"], image_head, text_head)
+    result = train_scorer(scorer, feats["train"], feats["val"], dual_val, recipe, teacher)
+    meta = {"teacher": args.teacher, "distill_from": args.distill_from, "best_epoch": result["best_epoch"],
+            "val": result["val"], "data": "Flickr8k train (first view), selected on val"}
+    save_scorer(args.out, scorer, recipe, meta)
+    write_json(Path(args.out).with_suffix(".train.json"), {**result, "distill_from": args.distill_from})
+    print(f"saved {args.out} (best epoch {result['best_epoch']}, val rsum {result['val']['rsum']:.2f})")
+
+
+def cmd_eval_fine(args: argparse.Namespace) -> None:
+    from matcher.finegrained.report import run_eval
+
+    _threads(args.threads)
+    run_eval(args)
+
+
+def add_commands(sub, default_data: str) -> None:
+    from matcher.finegrained.train import FineRecipe
+
+    p = sub.add_parser("train-fine", help="train a fine-grained tier (alignment re-ranker or code late interaction)")
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--out", required=True, help="e.g. assets/models/fine/alignment.pt (+ .train.json)")
+    p.add_argument("--distill-from", dest="distill_from", help="a trained (larger) fine scorer to distil from")
+    p.add_argument("--threads", type=int, default=1)
+    for f in fields(FineRecipe):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+    p.set_defaults(func=cmd_train_fine)
+
+    p = sub.add_parser("eval-fine", help="val/test recall and costs of every fine tier vs the dual teacher")
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--models", default="assets/models/fine", help="folder of trained fine scorers")
+    p.add_argument("--candidates", default="20,50", help="re-ranking shortlist sizes C")
+    p.add_argument("--results", default="assets/results/finegrained", help="writes .json and .csv")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_eval_fine)
