@@ -234,3 +234,17 @@ def test_decomposition_starts_from_the_cross_encoder_and_training_lowers_its_los
         after = decomposition_loss(decomposed.eval(), cross, train, rows, caps, 1.0).item()
     assert after < before
     assert decomposed.encode_image(torch.randn(2, 4, 12)).shape == (2, 1, 8)
+
+
+def test_cross_encoder_training_on_hard_negatives_keeps_the_best_val_checkpoint():
+    from matcher.finegrained.cross_train import CrossRecipe, train_cross
+
+    cross = tiny_cross()
+    train, val = tiny_split(32, 0), tiny_split(8, 1)
+    rng = np.random.default_rng(0)
+    dual_train, dual_val = rng.standard_normal((160, 32)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
+    recipe = CrossRecipe(steps=20, batch_size=8, negatives=2, pool=4, lr=5e-3, candidates=8, eval_every=10)
+    out = train_cross(cross, train, dual_train, val, dual_val, recipe, log=lambda *_: None)
+    assert [h["step"] for h in out["history"]] == [10, 20]
+    assert out["val"]["rsum"] == max(h["val_rsum"] for h in out["history"])
+    assert out["history"][-1]["loss"] < np.log(3)  # below chance for 1 positive among 3

@@ -50,6 +50,33 @@ def cmd_train_fine(args: argparse.Namespace) -> None:
     print(f"saved {args.out} (best epoch {result['best_epoch']}, val rsum {result['val']['rsum']:.2f})")
 
 
+def cmd_train_cross(args: argparse.Namespace) -> None:
+    """Cross-encoder on dual hard negatives, then its decomposition distilled from it."""
+    from dataclasses import asdict
+
+    from matcher.finegrained.cross import CrossEncoder, DecomposedEncoder
+    from matcher.finegrained.cross_train import CrossRecipe, train_cross, train_decomposed
+    from matcher.finegrained.features import dual_similarity, fine_features, teacher_heads
+    from matcher.finegrained.train import save_cross
+    from matcher.train.features import Flickr8k
+
+    _threads(args.threads)
+    overrides = {f.name: getattr(args, f.name) for f in fields(CrossRecipe) if getattr(args, f.name, None) is not None}
+    recipe = CrossRecipe(**overrides)
+    feats = fine_features(Flickr8k.load(args.data), args.teacher)
+    image_head, text_head, _ = teacher_heads(args.teacher)
+    duals = {s: dual_similarity(feats[s], image_head, text_head) for s in ("train", "val")}
+    cross = CrossEncoder(image_head, text_head, recipe.dim, recipe.layers, recipe.heads, recipe.ffn, recipe.dropout)
+    out = Path(args.out_dir)
+    cross_result = train_cross(cross, feats["train"], duals["train"], feats["val"], duals["val"], recipe)
+    save_cross(out / "cross.pt", "cross", cross, asdict(recipe), {"val": cross_result["val"]})
+    decomposed = DecomposedEncoder(cross)
+    decomp_result = train_decomposed(decomposed, cross, feats["train"], feats["val"], recipe)
+    save_cross(out / "decomposed.pt", "decomposed", decomposed, asdict(recipe), {"val": decomp_result["val"]})
+    write_json(out / "cross.train.json", {"recipe": asdict(recipe), "cross": cross_result, "decomposed": decomp_result})
+    print(f"saved {out / 'cross.pt'} and {out / 'decomposed.pt'}")
+
+
 def cmd_eval_fine(args: argparse.Namespace) -> None:
     from matcher.finegrained.report import run_eval
 
@@ -70,11 +97,23 @@ def add_commands(sub, default_data: str) -> None:
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
     p.set_defaults(func=cmd_train_fine)
 
+    from matcher.finegrained.cross_train import CrossRecipe
+
+    p = sub.add_parser("train-cross", help="train the cross-encoder (dual hard negatives) and its decomposition")
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--out-dir", dest="out_dir", default="assets/models/fine")
+    p.add_argument("--threads", type=int, default=1)
+    for f in fields(CrossRecipe):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+    p.set_defaults(func=cmd_train_cross)
+
     p = sub.add_parser("eval-fine", help="val/test recall and costs of every fine tier vs the dual teacher")
     p.add_argument("--data", default=default_data)
     p.add_argument("--teacher", default=DEFAULT_TEACHER)
     p.add_argument("--models", default="assets/models/fine", help="folder of trained fine scorers")
     p.add_argument("--candidates", default="20,50", help="re-ranking shortlist sizes C")
     p.add_argument("--results", default="assets/results/finegrained", help="writes .json and .csv")
+    p.add_argument("--students", help="comma-separated student checkpoints to tabulate (distillation comparison)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_eval_fine)

@@ -71,7 +71,8 @@ def _record(name: str, tier: str, mode: str, val: dict, test: dict, encode_ms: f
             "text_query_ms": round(encode_ms + search, 3), **extra}
 
 
-def alignment_records(name: str, scorer, feats, duals, dual_emb, encode_ms: float, candidates: list[int]) -> list[dict]:
+def rerank_records(name: str, scorer, feats, duals, dual_emb, encode_ms: float, candidates: list[int],
+                   tier: str = "alignment") -> list[dict]:
     """Pure and fused re-ranking records for each shortlist size C (λ for fusion chosen on val)."""
     enc = {s: encode_split(scorer, feats[s]) for s in ("val", "test")}
     cost = pair_cost_us(scorer, enc["test"])
@@ -80,24 +81,26 @@ def alignment_records(name: str, scorer, feats, duals, dual_emb, encode_ms: floa
         lists = {s: score_shortlists(scorer, enc[s], duals[s], c) for s in ("val", "test")}
         search = search_ms(*dual_emb, scorer, enc["test"], candidates=c)
         pure = {s: rerank_metrics(duals[s], lists[s], feats[s].caption_image) for s in ("val", "test")}
-        records.append(_record(f"{name} re-rank C={c}", "alignment", "rerank", pure["val"], pure["test"],
+        records.append(_record(f"{name} re-rank C={c}", tier, "rerank", pure["val"], pure["test"],
                                encode_ms, search, cost, candidates=c))
         val_by_lam = {lam: rerank_metrics(duals["val"], lists["val"], feats["val"].caption_image, fuse=lam)["rsum"]
                       for lam in FUSE_GRID}
         lam = max(val_by_lam, key=val_by_lam.get)
         fused = {s: rerank_metrics(duals[s], lists[s], feats[s].caption_image, fuse=lam) for s in ("val", "test")}
-        records.append(_record(f"{name} fused C={c}", "alignment", "fused", fused["val"], fused["test"],
+        records.append(_record(f"{name} fused C={c}", tier, "fused", fused["val"], fused["test"],
                                encode_ms, search, cost, candidates=c, fuse_lambda=lam))
     return records
 
 
-def code_record(name: str, scorer, feats, dual_emb, encode_ms: float) -> dict:
+def exhaustive_record(name: str, scorer, feats, dual_emb, encode_ms: float, tier: str = "codes") -> dict:
+    """A late-interaction (codes) or decomposed (one vector per item) scorer over the whole gallery."""
     enc = {s: encode_split(scorer, feats[s]) for s in ("val", "test")}
     metrics = {s: retrieval_metrics(full_scores(scorer, enc[s]), feats[s].caption_image) for s in ("val", "test")}
     search = search_ms(*dual_emb, scorer, enc["test"], exhaustive=True)
-    return _record(name, "codes", "exhaustive", metrics["val"], metrics["test"], encode_ms, search,
-                   pair_cost_us(scorer, enc["test"]), codes=scorer.codes,
-                   gallery_floats_per_image=scorer.codes * enc["test"].images.shape[-1])
+    codes = enc["test"].images.shape[1]
+    return _record(name, tier, "exhaustive", metrics["val"], metrics["test"], encode_ms, search,
+                   pair_cost_us(scorer, enc["test"]), codes=codes,
+                   gallery_floats_per_image=codes * enc["test"].images.shape[-1])
 
 
 def run_eval(args) -> dict:
@@ -115,22 +118,50 @@ def run_eval(args) -> dict:
     candidates = [int(c) for c in str(args.candidates).split(",") if c.strip()]
     for path in sorted(Path(args.models).glob("*.pt")):
         scorer, recipe, _ = load_scorer(path, image_head, text_head)
-        if recipe.tier == "alignment":
-            records += alignment_records(path.stem, scorer, feats, duals, dual_emb, encode_ms, candidates)
+        tier = recipe["tier"] if isinstance(recipe, dict) else recipe.tier
+        if tier == "alignment":
+            records += rerank_records(path.stem, scorer, feats, duals, dual_emb, encode_ms, candidates)
+        elif tier == "cross":  # the slowest tier: only its own (small) shortlist size
+            records += rerank_records(path.stem, scorer, feats, duals, dual_emb, encode_ms, [recipe["candidates"]],
+                                      tier="cross")
         else:
-            records.append(code_record(path.stem, scorer, feats, dual_emb, encode_ms))
+            records.append(exhaustive_record(path.stem, scorer, feats, dual_emb, encode_ms, tier))
         print(f"evaluated {path.name}", flush=True)
     teacher = records[0]
     for r in records:
         r["rsum_vs_teacher"] = round(r["rsum"] - teacher["rsum"], 2)
         r["val_rsum_vs_teacher"] = round(r["val_rsum"] - teacher["val_rsum"], 2)
     report = {"command": "python -m matcher " + " ".join(sys.argv[1:]), "split": "test (val_rsum: val)",
-              "gallery_images": len(feats["test"]), "machine": machine_description(), "records": records}
+              "gallery_images": len(feats["test"]), "machine": machine_description(), "records": records,
+              "distillation": student_records(args.data, [p for p in str(args.students or "").split(",") if p])}
     results = Path(args.results)
     write_json(results.with_suffix(".json"), report)
     write_records_csv(results.with_suffix(".csv"), records)
     print(format_table(records))
     return report
+
+
+def student_records(data_root: str, paths: list[str]) -> list[dict]:
+    """Students distilled from different teacher matrices: val from training, test from cached features."""
+    from matcher.dual_encoder import load_checkpoint
+    from matcher.train.features import Flickr8k, cached_image_features
+    from matcher.train.pairs import CachedSplit
+    from matcher.train.student import caption_id_features
+    from matcher.train.teacher import cached_metrics
+
+    data, out = Flickr8k.load(data_root), []
+    for path in paths:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        recipe = payload["metadata"]["recipe"]
+        module = load_checkpoint(path).module
+        test = CachedSplit.from_features(
+            cached_image_features(data, recipe["image_variant"], recipe["image_size"], recipe["cached_blocks"]),
+            caption_id_features(data, module), "test")
+        out.append({"name": Path(path).stem, "loss": recipe["loss"], "teacher_scores": recipe.get("teacher_scores", "dual"),
+                    "epochs": recipe["epochs"], "caption_passes": recipe["caption_passes"], "seed": recipe["seed"],
+                    "best_epoch": payload["metadata"]["best_epoch"], "val_rsum": round(payload["metadata"]["val"]["rsum"], 2),
+                    **_flat(cached_metrics(module, test))})
+    return out
 
 
 def write_records_csv(path: Path, records: list[dict]) -> None:

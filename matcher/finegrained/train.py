@@ -122,8 +122,37 @@ def save_scorer(path: str | Path, scorer, recipe: FineRecipe, metadata: dict | N
         torch.save({"format": FORMAT, "recipe": asdict(recipe), "state_dict": state, "metadata": metadata or {}}, tmp)
 
 
+CROSS_FORMAT = "matcher-fine-cross/1"
+_FROZEN = ("tokens.image_head.", "tokens.text_head.")  # copies of the teacher's heads: rebuilt, not stored
+
+
+def save_cross(path: str | Path, kind: str, module: torch.nn.Module, recipe: dict, metadata: dict) -> None:
+    """A cross-encoder (``kind="cross"``) or its decomposition, trained weights only, float16."""
+    state = {k: v.half() for k, v in module.state_dict().items() if not any(f in k for f in _FROZEN)}
+    with atomic_path(path) as tmp:
+        torch.save({"format": CROSS_FORMAT, "kind": kind, "recipe": recipe, "state_dict": state,
+                    "metadata": metadata}, tmp)
+
+
+def load_cross(payload: dict, image_head: torch.nn.Linear, text_head: torch.nn.Linear):
+    from matcher.finegrained.cross import CrossEncoder, DecomposedEncoder
+
+    r = payload["recipe"]
+    module = CrossEncoder(image_head, text_head, r["dim"], r["layers"], r["heads"], r["ffn"], r["dropout"])
+    if payload["kind"] == "decomposed":
+        module = DecomposedEncoder(module)
+    missing, unexpected = module.load_state_dict({k: v.float() for k, v in payload["state_dict"].items()}, strict=False)
+    if unexpected or any(not any(f in k for f in _FROZEN) for k in missing):
+        raise ValueError(f"cross checkpoint does not match its recipe: {unexpected[:3]} {missing[:3]}")
+    return module.eval()
+
+
 def load_scorer(path: str | Path, image_head: torch.nn.Linear, text_head: torch.nn.Linear):
+    """(scorer, recipe, metadata); for cross checkpoints the recipe is a dict with ``tier`` set."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") == CROSS_FORMAT:
+        return (load_cross(payload, image_head, text_head), {**payload["recipe"], "tier": payload["kind"]},
+                payload["metadata"])
     if payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fine scorer checkpoint ({FORMAT})")
     recipe = FineRecipe(**payload["recipe"])
