@@ -248,3 +248,16 @@ def test_cross_encoder_training_on_hard_negatives_keeps_the_best_val_checkpoint(
     assert [h["step"] for h in out["history"]] == [10, 20]
     assert out["val"]["rsum"] == max(h["val_rsum"] for h in out["history"])
     assert out["history"][-1]["loss"] < np.log(3)  # below chance for 1 positive among 3
+
+
+def test_code_training_with_frozen_projections_only_moves_the_pooling():
+    train, val = tiny_split(32, 0), tiny_split(8, 1)
+    image_head, text_head = heads()
+    scorer = CodeScorer(image_head, text_head, codes=2, dropout=0.0)
+    before = {k: v.clone() for k, v in scorer.state_dict().items()}
+    recipe = FineRecipe(tier="codes", codes=2, epochs=1, batch_size=8, lr=1e-2, freeze_projections=True)
+    train_scorer(scorer, train, val, np.zeros((40, 8), dtype=np.float32), recipe, log=lambda *_: None)
+    after = scorer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("image_proj", "text_proj")))
+    assert not any(p.requires_grad for p in [*scorer.image_proj.parameters(), *scorer.text_proj.parameters()])
+    assert scorer.pool.queries.requires_grad

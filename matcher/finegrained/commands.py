@@ -94,7 +94,10 @@ def add_commands(sub, default_data: str) -> None:
     p.add_argument("--distill-from", dest="distill_from", help="a trained (larger) fine scorer to distil from")
     p.add_argument("--threads", type=int, default=1)
     for f in fields(FineRecipe):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
     p.set_defaults(func=cmd_train_fine)
 
     from matcher.finegrained.cross_train import CrossRecipe

@@ -2,8 +2,10 @@
 
 Every step samples B images (one random caption each), builds the in-batch [B, B] score matrix
 of the scorer being trained and minimises the VSE++ hinge loss with hardest negatives
-(``matcher.losses.TripletHingeLoss``). With a ``teacher`` scorer (shrinking a code model, or any
-fine scorer distilled from another) a listwise term is added on the same matrices:
+(``matcher.losses.TripletHingeLoss``; ``loss="contrastive"`` swaps in InfoNCE at the fixed
+scale ``distill_scale``, the dual teacher's own objective). With a ``teacher`` scorer (shrinking
+a code model, or any fine scorer distilled from another) a listwise term is added on the same
+matrices:
     L = hinge(S) + distill_weight * ListNet(scale * S, scale * T).
 The epoch with the best val rsum is kept: re-ranking rsum of the dual teacher's top-C for a
 re-ranker, exhaustive rsum for a late-interaction (code) scorer.
@@ -22,7 +24,7 @@ from matcher.atomic import atomic_path
 from matcher.finegrained.evaluate import encode_split, full_scores, rerank_metrics, score_shortlists
 from matcher.finegrained.features import FineSplit
 from matcher.finegrained.scorers import AlignmentScorer, CodeScorer
-from matcher.losses import ListNetLoss, TripletHingeLoss
+from matcher.losses import ContrastiveLoss, ListNetLoss, TripletHingeLoss
 from matcher.metrics import retrieval_metrics
 
 FORMAT = "matcher-fine-scorer/1"
@@ -39,8 +41,10 @@ class FineRecipe:
     batch_size: int = 128
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    loss: str = "triplet"        # triplet (VSE++ hinge, hardest negatives) | contrastive (InfoNCE at distill_scale)
     margin: float = 0.2
     dropout: float = 0.1
+    freeze_projections: bool = False  # keep the teacher's heads; train only what the tier adds (code pooling)
     distill_weight: float = 1.0  # only with a teacher scorer
     distill_scale: float = 20.0  # logit scale applied to both matrices in the ListNet term
     candidates: int = 20         # val shortlist size for re-ranker selection
@@ -73,7 +77,15 @@ def train_scorer(scorer, train: FineSplit, val: FineSplit, dual_val: np.ndarray,
     """Train in place, restore the best val epoch; returns the history."""
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    hinge, listnet = TripletHingeLoss(recipe.margin), ListNetLoss()
+    listnet = ListNetLoss()
+    if recipe.loss == "triplet":
+        base = TripletHingeLoss(recipe.margin)
+    else:  # the dual teacher's own objective, on the fine scores at a fixed logit scale
+        contrastive = ContrastiveLoss()
+        base = lambda sim: contrastive(recipe.distill_scale * sim)  # noqa: E731
+    if recipe.freeze_projections:
+        scorer.image_proj.requires_grad_(False)
+        scorer.text_proj.requires_grad_(False)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps = recipe.epochs * (len(train) // recipe.batch_size)
@@ -93,7 +105,7 @@ def train_scorer(scorer, train: FineSplit, val: FineSplit, dual_val: np.ndarray,
             rows = order[s:s + recipe.batch_size]
             captions = rows * train.captions_per_image + rng.integers(0, train.captions_per_image, len(rows))
             sim = batch_scores(scorer, train, rows, captions)
-            loss = hinge(sim)
+            loss = base(sim)
             if teacher is not None:
                 with torch.no_grad():
                     target = batch_scores(teacher, train, rows, captions)
