@@ -46,7 +46,8 @@ def pair_scores(scorer, enc: Encoded, captions: np.ndarray, images: np.ndarray, 
     with torch.inference_mode():
         for s in range(0, len(captions), chunk):
             c, i = torch.from_numpy(captions[s:s + chunk]), torch.from_numpy(images[s:s + chunk])
-            out.append(scorer.score_pairs(enc.images[i], enc.texts[c], enc.mask[c]))
+            n = int(enc.mask[c].sum(1).max())  # trim the split-wide padding to this chunk's longest caption
+            out.append(scorer.score_pairs(enc.images[i], enc.texts[c][:, :n], enc.mask[c][:, :n]))
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
@@ -55,7 +56,8 @@ def full_scores(scorer, enc: Encoded, chunk: int = 100) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for s in range(0, len(enc.texts), chunk):
-            out.append(scorer.score(enc.images, enc.texts[s:s + chunk], enc.mask[s:s + chunk]).T)
+            n = int(enc.mask[s:s + chunk].sum(1).max())
+            out.append(scorer.score(enc.images, enc.texts[s:s + chunk, :n], enc.mask[s:s + chunk, :n]).T)
     return torch.cat(out).numpy()
 
 
