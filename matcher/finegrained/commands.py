@@ -23,6 +23,8 @@ def _threads(n: int) -> None:
 
 
 def cmd_train_fine(args: argparse.Namespace) -> None:
+    import torch
+
     from matcher.finegrained.features import dual_similarity, fine_features, teacher_heads
     from matcher.finegrained.train import FineRecipe, build_scorer, load_scorer, save_scorer, train_scorer
     from matcher.train.features import Flickr8k
@@ -30,6 +32,7 @@ def cmd_train_fine(args: argparse.Namespace) -> None:
     _threads(args.threads)
     overrides = {f.name: getattr(args, f.name) for f in fields(FineRecipe) if getattr(args, f.name, None) is not None}
     recipe = FineRecipe(**overrides)
+    torch.manual_seed(recipe.seed)  # the code queries are drawn when the scorer is built
     feats = fine_features(Flickr8k.load(args.data), args.teacher)
     image_head, text_head, _ = teacher_heads(args.teacher)
     teacher = None
@@ -63,6 +66,9 @@ def cmd_train_cross(args: argparse.Namespace) -> None:
     _threads(args.threads)
     overrides = {f.name: getattr(args, f.name) for f in fields(CrossRecipe) if getattr(args, f.name, None) is not None}
     recipe = CrossRecipe(**overrides)
+    import torch
+
+    torch.manual_seed(recipe.seed)  # the transformer's weights are drawn when it is built
     feats = fine_features(Flickr8k.load(args.data), args.teacher)
     image_head, text_head, _ = teacher_heads(args.teacher)
     duals = {s: dual_similarity(feats[s], image_head, text_head) for s in ("train", "val")}
