@@ -261,3 +261,18 @@ def test_code_training_with_frozen_projections_only_moves_the_pooling():
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("image_proj", "text_proj")))
     assert not any(p.requires_grad for p in [*scorer.image_proj.parameters(), *scorer.text_proj.parameters()])
     assert scorer.pool.queries.requires_grad
+
+
+def test_residual_cross_encoder_starts_at_the_scaled_dual_cosine():
+    from matcher.finegrained.cross import CrossEncoder
+
+    image_head, text_head = heads()
+    cross = CrossEncoder(image_head, text_head, dim=16, layers=1, heads=2, ffn=32, dropout=0.0, regions=4,
+                         max_words=8, residual_scale=20.0).eval()
+    regions, tokens = torch.randn(3, 4, 12), torch.randn(3, 5, 10)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        s = cross.score_pairs(cross.encode_image(regions), cross.encode_text(tokens, mask), mask)
+        m = mask.unsqueeze(-1).float()
+        dual = F.cosine_similarity(image_head(regions.mean(1)), text_head((tokens * m).sum(1) / m.sum(1)), dim=-1)
+    assert torch.allclose(s, 20.0 * dual, atol=1e-5)

@@ -70,17 +70,26 @@ def cmd_train_cross(args: argparse.Namespace) -> None:
 
     torch.manual_seed(recipe.seed)  # the transformer's weights are drawn when it is built
     feats = fine_features(Flickr8k.load(args.data), args.teacher)
-    image_head, text_head, _ = teacher_heads(args.teacher)
+    image_head, text_head, teacher_scale = teacher_heads(args.teacher)
     duals = {s: dual_similarity(feats[s], image_head, text_head) for s in ("train", "val")}
-    cross = CrossEncoder(image_head, text_head, recipe.dim, recipe.layers, recipe.heads, recipe.ffn, recipe.dropout)
+    residual_scale = teacher_scale if recipe.residual else 0.0
+    cross = CrossEncoder(image_head, text_head, recipe.dim, recipe.layers, recipe.heads, recipe.ffn, recipe.dropout,
+                         residual_scale=residual_scale)
     out = Path(args.out_dir)
     cross_result = train_cross(cross, feats["train"], duals["train"], feats["val"], duals["val"], recipe)
-    save_cross(out / "cross.pt", "cross", cross, asdict(recipe), {"val": cross_result["val"]})
+    name = "cross-residual" if recipe.residual else "cross"
+    save_cross(out / f"{name}.pt", "cross", cross, {**asdict(recipe), "residual_scale": residual_scale},
+               {"val": cross_result["val"]})
+    write_json(out / f"{name}.train.json", {"recipe": asdict(recipe), "cross": cross_result})
+    if not args.decompose:
+        print(f"saved {out / name}.pt")
+        return
     decomposed = DecomposedEncoder(cross)
     decomp_result = train_decomposed(decomposed, cross, feats["train"], feats["val"], recipe)
-    save_cross(out / "decomposed.pt", "decomposed", decomposed, asdict(recipe), {"val": decomp_result["val"]})
-    write_json(out / "cross.train.json", {"recipe": asdict(recipe), "cross": cross_result, "decomposed": decomp_result})
-    print(f"saved {out / 'cross.pt'} and {out / 'decomposed.pt'}")
+    save_cross(out / f"{name}-decomposed.pt", "decomposed", decomposed,
+               {**asdict(recipe), "residual_scale": residual_scale}, {"val": decomp_result["val"]})
+    write_json(out / f"{name}-decomposed.train.json", {"recipe": asdict(recipe), "decomposed": decomp_result})
+    print(f"saved {out / name}.pt and {out / name}-decomposed.pt")
 
 
 def cmd_eval_fine(args: argparse.Namespace) -> None:
@@ -113,8 +122,12 @@ def add_commands(sub, default_data: str) -> None:
     p.add_argument("--teacher", default=DEFAULT_TEACHER)
     p.add_argument("--out-dir", dest="out_dir", default="assets/models/fine")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--decompose", action="store_true", help="also train the decomposition from the cross-encoder")
     for f in fields(CrossRecipe):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
     p.set_defaults(func=cmd_train_cross)
 
     p = sub.add_parser("eval-fine", help="val/test recall and costs of every fine tier vs the dual teacher")
@@ -123,6 +136,8 @@ def add_commands(sub, default_data: str) -> None:
     p.add_argument("--models", default="assets/models/fine", help="folder of trained fine scorers")
     p.add_argument("--candidates", default="20,50", help="re-ranking shortlist sizes C")
     p.add_argument("--results", default="assets/results/finegrained", help="writes .json and .csv")
+    p.add_argument("--pattern", help="only checkpoints matching this glob in --models (default *.pt)")
+    p.add_argument("--append", action="store_true", help="merge into the existing results file instead of replacing it")
     p.add_argument("--students", help="comma-separated student checkpoints to tabulate (distillation comparison)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_eval_fine)

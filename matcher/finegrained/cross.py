@@ -40,24 +40,38 @@ class _Tokens(nn.Module):
 
     def image(self, regions: torch.Tensor) -> torch.Tensor:
         """[I, R, dim] image tokens."""
-        return self.image_in(self.image_head(regions)) + self.region_pos[:, : regions.shape[1]] + self.types[0]
+        return self.embed_image(self.image_head(regions))
 
     def text(self, tokens: torch.Tensor) -> torch.Tensor:
         """[T, L, dim] word tokens (padding rows are masked out by the caller)."""
-        return self.text_in(self.text_head(tokens)) + self.word_pos[:, : tokens.shape[1]] + self.types[1]
+        return self.embed_text(self.text_head(tokens))
+
+    def embed_image(self, projected: torch.Tensor) -> torch.Tensor:
+        """Image tokens from regions already through the teacher's head ([I, R, 256])."""
+        return self.image_in(projected) + self.region_pos[:, : projected.shape[1]] + self.types[0]
+
+    def embed_text(self, projected: torch.Tensor) -> torch.Tensor:
+        return self.text_in(projected) + self.word_pos[:, : projected.shape[1]] + self.types[1]
 
 
 class CrossEncoder(nn.Module):
     def __init__(self, image_head: nn.Linear, text_head: nn.Linear, dim: int = 128, layers: int = 2,
-                 heads: int = 4, ffn: int = 256, dropout: float = 0.1, regions: int = 49, max_words: int = 64):
+                 heads: int = 4, ffn: int = 256, dropout: float = 0.1, regions: int = 49, max_words: int = 64,
+                 residual_scale: float = 0.0):
         super().__init__()
+        # residual_scale > 0: score = residual_scale * (dual teacher cosine) + read-out, read-out
+        # initialised to zero, so training starts from the dual ranking and learns a correction.
+        self.residual_scale = residual_scale
         self.tokens = _Tokens(image_head, text_head, dim, regions, max_words)
         layer = nn.TransformerEncoderLayer(dim, heads, ffn, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, 1)
+        if residual_scale:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
         self.config = {"dim": dim, "layers": layers, "heads": heads, "ffn": ffn, "dropout": dropout,
-                       "regions": regions, "max_words": max_words}
+                       "regions": regions, "max_words": max_words, "residual_scale": residual_scale}
 
     def run(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """[CLS] output of the transformer over [CLS] + x; ``pad`` [B, len(x)] is True at padding."""
@@ -66,16 +80,22 @@ class CrossEncoder(nn.Module):
         return self.norm(self.encoder(torch.cat([cls, x], 1), src_key_padding_mask=pad)[:, 0])
 
     def encode_image(self, regions: torch.Tensor) -> torch.Tensor:
-        """[I, R, dim] image tokens: what a gallery can store, the pair-wise part starts after it."""
-        return self.tokens.image(regions)
+        """[I, R, 256] regions through the teacher's head: what a gallery stores per image."""
+        return self.tokens.image_head(regions)
 
     def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.tokens.text(tokens)
+        return self.tokens.text_head(tokens) * mask.unsqueeze(-1).to(tokens.dtype)
 
     def score_pairs(self, img: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[P] scores of aligned pairs: image tokens [P, R, dim], word tokens [P, L, dim], mask [P, L]."""
+        """[P] scores of aligned pairs: ``encode_image`` [P, R, 256], ``encode_text`` [P, L, 256], mask [P, L]."""
         pad = torch.cat([torch.zeros(img.shape[:2], dtype=torch.bool), ~mask], 1)
-        return self.out(self.run(torch.cat([img, txt], 1), pad)).squeeze(-1)
+        x = torch.cat([self.tokens.embed_image(img), self.tokens.embed_text(txt)], 1)
+        score = self.out(self.run(x, pad)).squeeze(-1)
+        if self.residual_scale:  # the dual teacher's cosine: mean pooling commutes with its heads
+            m = mask.unsqueeze(-1).to(txt.dtype)
+            pooled_txt = (txt * m).sum(1) / m.sum(1).clamp(min=1.0)
+            score = score + self.residual_scale * F.cosine_similarity(img.mean(1), pooled_txt, dim=-1)
+        return score
 
 
 class DecomposedEncoder(nn.Module):

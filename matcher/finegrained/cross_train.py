@@ -33,6 +33,7 @@ class CrossRecipe:
     heads: int = 4
     ffn: int = 256
     dropout: float = 0.1
+    residual: bool = False        # score = teacher logit scale * dual cosine + read-out (read-out starts at 0)
     steps: int = 300              # cross-encoder steps (CPU budget), B captions each
     batch_size: int = 32
     negatives: int = 3

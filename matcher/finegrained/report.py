@@ -116,7 +116,7 @@ def run_eval(args) -> dict:
     records = [_record("dual teacher", "dual", "exhaustive", metrics["val"], metrics["test"], encode_ms,
                        search_ms(*dual_emb), dual_pair_us(*dual_emb), gallery_floats_per_image=dual_emb[0].shape[1])]
     candidates = [int(c) for c in str(args.candidates).split(",") if c.strip()]
-    for path in sorted(Path(args.models).glob("*.pt")):
+    for path in sorted(Path(args.models).glob(getattr(args, "pattern", None) or "*.pt")):
         scorer, recipe, _ = load_scorer(path, image_head, text_head)
         tier = recipe["tier"] if isinstance(recipe, dict) else recipe.tier
         if tier == "alignment":
@@ -127,14 +127,21 @@ def run_eval(args) -> dict:
         else:
             records.append(exhaustive_record(path.stem, scorer, feats, dual_emb, encode_ms, tier))
         print(f"evaluated {path.name}", flush=True)
+    results = Path(args.results)
+    previous = _previous(results.with_suffix(".json")) if getattr(args, "append", False) else {}
+    if previous:  # keep earlier tiers (same teacher row first), replace re-evaluated ones
+        fresh = {r["name"] for r in records}
+        records = records[:1] + [r for r in previous.get("records", [])[1:] if r["name"] not in fresh] + records[1:]
     teacher = records[0]
     for r in records:
         r["rsum_vs_teacher"] = round(r["rsum"] - teacher["rsum"], 2)
         r["val_rsum_vs_teacher"] = round(r["val_rsum"] - teacher["val_rsum"], 2)
-    report = {"command": "python -m matcher " + " ".join(sys.argv[1:]), "split": "test (val_rsum: val)",
+    command = "python -m matcher " + " ".join(sys.argv[1:])
+    earlier = previous.get("commands", [previous["command"]] if "command" in previous else [])
+    report = {"command": command, "commands": [*earlier, command], "split": "test (val_rsum: val)",
               "gallery_images": len(feats["test"]), "machine": machine_description(), "records": records,
-              "distillation": student_records(args.data, [p for p in str(args.students or "").split(",") if p])}
-    results = Path(args.results)
+              "distillation": student_records(args.data, [p for p in str(args.students or "").split(",") if p])
+              or previous.get("distillation", [])}
     write_json(results.with_suffix(".json"), report)
     write_records_csv(results.with_suffix(".csv"), records)
     print(format_table(records))
@@ -162,6 +169,12 @@ def student_records(data_root: str, paths: list[str]) -> list[dict]:
                     "best_epoch": payload["metadata"]["best_epoch"], "val_rsum": round(payload["metadata"]["val"]["rsum"], 2),
                     **_flat(cached_metrics(module, test))})
     return out
+
+
+def _previous(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def write_records_csv(path: Path, records: list[dict]) -> None:

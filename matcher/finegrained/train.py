@@ -150,7 +150,8 @@ def load_cross(payload: dict, image_head: torch.nn.Linear, text_head: torch.nn.L
     from matcher.finegrained.cross import CrossEncoder, DecomposedEncoder
 
     r = payload["recipe"]
-    module = CrossEncoder(image_head, text_head, r["dim"], r["layers"], r["heads"], r["ffn"], r["dropout"])
+    module = CrossEncoder(image_head, text_head, r["dim"], r["layers"], r["heads"], r["ffn"], r["dropout"],
+                          residual_scale=r.get("residual_scale", 0.0))
     if payload["kind"] == "decomposed":
         module = DecomposedEncoder(module)
     missing, unexpected = module.load_state_dict({k: v.float() for k, v in payload["state_dict"].items()}, strict=False)
