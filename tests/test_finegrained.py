@@ -276,3 +276,20 @@ def test_residual_cross_encoder_starts_at_the_scaled_dual_cosine():
         m = mask.unsqueeze(-1).float()
         dual = F.cosine_similarity(image_head(regions.mean(1)), text_head((tokens * m).sum(1) / m.sum(1)), dim=-1)
     assert torch.allclose(s, 20.0 * dual, atol=1e-5)
+
+
+def test_code_diversity_detects_collapsed_and_distinct_codes():
+    from matcher.finegrained.evaluate import code_diversity
+
+    image_head, text_head = heads()
+    scorer = CodeScorer(image_head, text_head, codes=3, dropout=0.0)
+    split = tiny_split(8, 0)
+    with torch.no_grad():
+        scorer.pool.queries.zero_()
+    collapsed = code_diversity(scorer, split)
+    assert collapsed["attention_entropy"] == pytest.approx(1.0, abs=1e-4)
+    assert collapsed["code_cosine"] == pytest.approx(1.0, abs=1e-4)
+    with torch.no_grad():
+        scorer.pool.queries.copy_(50 * torch.randn(3, 6))
+    distinct = code_diversity(scorer, split)
+    assert distinct["attention_entropy"] < 0.5 and distinct["code_cosine"] < collapsed["code_cosine"]

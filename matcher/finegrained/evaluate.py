@@ -103,6 +103,26 @@ def rerank_metrics(dual: np.ndarray, lists: Shortlists, caption_image: np.ndarra
     return {"t2i": t2i, "i2t": i2t, "rsum": sum(t2i.values()) + sum(i2t.values())}
 
 
+def code_diversity(scorer, split: FineSplit, images: int = 200) -> dict[str, float]:
+    """How far the M codes are from all being the mean region (collapse diagnostics).
+
+    ``attention_entropy``: mean entropy of the pooling weights / log R (1 = uniform = mean pooling);
+    ``code_cosine``: mean cosine between two different codes of the same image (1 = identical codes).
+    """
+    import math
+
+    scorer.eval()
+    with torch.inference_mode():
+        x = scorer.project_regions(split.region_batch(np.arange(min(images, len(split)))))
+        attn = scorer.pool.attention(x)
+        entropy = float(-(attn * attn.clamp_min(1e-12).log()).sum(-1).mean() / math.log(attn.shape[-1]))
+        codes = torch.nn.functional.normalize(scorer.pool(x), dim=-1)
+        m = codes.shape[1]
+        off = ~torch.eye(m, dtype=torch.bool)
+        cosine = float((codes @ codes.transpose(1, 2))[:, off].mean()) if m > 1 else 1.0
+    return {"attention_entropy": round(entropy, 4), "code_cosine": round(cosine, 4)}
+
+
 # -- costs ----------------------------------------------------------------------------------------
 
 def _median_ms(fn, repeats: int) -> float:

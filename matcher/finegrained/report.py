@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from matcher.atomic import atomic_path, write_json
-from matcher.finegrained.evaluate import (encode_split, full_scores, pair_cost_us, rerank_metrics, score_shortlists,
+from matcher.finegrained.evaluate import (code_diversity, encode_split, full_scores, pair_cost_us, rerank_metrics, score_shortlists,
                                           search_ms)
 from matcher.finegrained.features import FineSplit, dual_similarity, fine_features, teacher_heads
 from matcher.finegrained.train import load_scorer
@@ -98,9 +98,10 @@ def exhaustive_record(name: str, scorer, feats, dual_emb, encode_ms: float, tier
     metrics = {s: retrieval_metrics(full_scores(scorer, enc[s]), feats[s].caption_image) for s in ("val", "test")}
     search = search_ms(*dual_emb, scorer, enc["test"], exhaustive=True)
     codes = enc["test"].images.shape[1]
+    diversity = code_diversity(scorer, feats["val"]) if hasattr(scorer, "pool") else {}
     return _record(name, tier, "exhaustive", metrics["val"], metrics["test"], encode_ms, search,
                    pair_cost_us(scorer, enc["test"]), codes=codes,
-                   gallery_floats_per_image=codes * enc["test"].images.shape[-1])
+                   gallery_floats_per_image=codes * enc["test"].images.shape[-1], **diversity)
 
 
 def run_eval(args) -> dict:
