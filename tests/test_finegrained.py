@@ -293,3 +293,33 @@ def test_code_diversity_detects_collapsed_and_distinct_codes():
         scorer.pool.queries.copy_(50 * torch.randn(3, 6))
     distinct = code_diversity(scorer, split)
     assert distinct["attention_entropy"] < 0.5 and distinct["code_cosine"] < collapsed["code_cosine"]
+
+
+def test_alignment_targets_batch_matches_max_sum_and_calibration_matches_the_dual_spread():
+    """The student's per-batch teacher matrix from stored unit regions/tokens (no real data needed)."""
+    from matcher.finegrained.distill import AlignmentTargets
+
+    rng = torch.Generator().manual_seed(0)
+    targets = AlignmentTargets.__new__(AlignmentTargets)   # skip the loading; fill what batch() reads
+    targets.reduce, targets.dual_scale, targets.scale = "mean", 30.0, 1.0
+    targets.regions = F.normalize(torch.randn(12, 4, 6, generator=rng), dim=-1).half()
+    lengths = np.tile([3, 2, 4, 3, 2], 12)
+    targets.offsets = np.concatenate([[0], np.cumsum(lengths)])
+    targets.tokens = F.normalize(torch.randn(int(lengths.sum()), 6, generator=rng), dim=-1).half()
+    rows, caps = np.array([0, 5, 7]), np.array([1, 26, 35])
+    got = targets.batch(rows, caps)
+    text = torch.zeros(3, 4, 6)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    for i, c in enumerate(caps):
+        s, e = targets.offsets[c], targets.offsets[c + 1]
+        text[i, : e - s], mask[i, : e - s] = targets.tokens[s:e].float(), True
+    assert torch.allclose(got, max_sum(targets.regions[rows].float(), text, mask, "mean"), atol=1e-6)
+    t_images = F.normalize(torch.randn(12, 1, 5, generator=rng), dim=-1)
+    t_texts = F.normalize(torch.randn(60, 5, generator=rng), dim=-1)
+    scale = targets.calibrate(t_images, t_texts, batch_size=6, batches=1)
+    draw = np.random.default_rng(0)  # the batch calibrate drew (same seed, same order of draws)
+    r = draw.choice(12, 6, replace=False)
+    c = r * 5 + draw.integers(0, 5, 6)
+    assert scale > 0
+    dual_spread = (30.0 * (t_images[r, 0] @ t_texts[c].T)).std(1).mean()
+    assert (scale * targets.batch(r, c)).std(1).mean().item() == pytest.approx(dual_spread.item(), rel=1e-4)
