@@ -173,6 +173,8 @@ def _student_args(p: argparse.ArgumentParser) -> None:
                  "distill_weight", "embed_weight", "wsd_eps"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
     p.add_argument("--image-variant", dest="image_variant")
+    p.add_argument("--teacher-scores", dest="teacher_scores",
+                   help="'dual' (default) or a trained alignment scorer (assets/models/fine/...) to distil")
     p.add_argument("--threads", type=int, help="torch threads for training (e.g. 1 on a shared CPU)")
 
 
@@ -237,10 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate_student)
 
     from matcher.dashboard_cli import add_commands as add_dashboard_commands
+    from matcher.finegrained.commands import add_commands as add_fine_commands
     from matcher.hashing.commands import add_commands as add_hashing_commands
 
     add_dashboard_commands(sub, gallery_args)
     add_hashing_commands(sub, str(DEFAULT_DATA))  # train-hash, bench
+    add_fine_commands(sub, str(DEFAULT_DATA))  # train-fine, eval-fine
     return parser
 
 

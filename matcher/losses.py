@@ -193,6 +193,35 @@ class WSDLoss(nn.Module):
         return 0.5 * (F.mse_loss(s_rows, t_rows) + F.mse_loss(s_cols, t_cols))
 
 
+class TripletHingeLoss(nn.Module):
+    """VSE++ hinge triplet loss (Faghri et al., BMVC 2018), used to train the fine-grained scorers.
+
+    With S the [B, B] score matrix (rows = images, columns = texts, diagonal = matched) and
+    m the margin, for every image i and every text j:
+        image anchor:  c_i(j) = relu(m + S_ij - S_ii)   (negative texts of image i, j != i)
+        text anchor:   c_j(i) = relu(m + S_ij - S_jj)   (negative images of text j, i != j)
+    ``hardest=True`` (max-violation) keeps only the hardest negative of each anchor,
+    L = mean_i max_j c_i(j) + mean_j max_i c_j(i); otherwise the violations are summed over
+    negatives. Scores are used as given (no temperature): the margin is in score units.
+    ``sim_teacher`` is ignored (the call shape is shared with the distillation losses).
+    """
+
+    inputs = "cosine"
+
+    def __init__(self, margin: float = 0.2, hardest: bool = True):
+        super().__init__()
+        self.margin, self.hardest = margin, hardest
+
+    def forward(self, sim_student: torch.Tensor, sim_teacher: torch.Tensor | None = None) -> torch.Tensor:
+        pos = sim_student.diagonal()
+        eye = torch.eye(sim_student.shape[0], dtype=torch.bool, device=sim_student.device)
+        cost_text = F.relu(self.margin + sim_student - pos[:, None]).masked_fill(eye, 0.0)
+        cost_image = F.relu(self.margin + sim_student - pos[None, :]).masked_fill(eye, 0.0)
+        if self.hardest:
+            return cost_text.amax(1).mean() + cost_image.amax(0).mean()
+        return cost_text.sum(1).mean() + cost_image.sum(0).mean()
+
+
 LOSSES: dict[str, type[nn.Module]] = {
     "contrastive": ContrastiveLoss,
     "wsd": WSDLoss,
@@ -200,6 +229,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "affinity": AffinityLoss,
     "mse": MSELoss,
     "hei": HEILoss,
+    "triplet": TripletHingeLoss,
 }
 DISTILLATION_LOSSES = ("wsd", "listnet", "affinity", "mse")
 

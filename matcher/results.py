@@ -19,6 +19,7 @@ RESULT_FILES = {
     "ablation": "ablation.json",
     "hashing": "hashing.json",
     "bench": "bench.json",
+    "finegrained": "finegrained.json",  # python -m matcher eval-fine (docs/finegrained.md)
 }
 
 # Axis choices: label -> candidate column names (first present wins), and whether lower is better.
@@ -189,6 +190,8 @@ def tradeoff_points(results: Results, speed: str, accuracy: str) -> TradeoffPoin
         sources.append(("code length (hashing)", results.table("hashing")))
     if not results.table("bench").empty:
         sources.append(("scale benchmark", results.table("bench")))
+    if not results.table("finegrained").empty:
+        sources.append(("fine-grained tiers", results.table("finegrained")))
     rows, used, skipped = [], {}, []
     for group, df in sources:
         s_col, a_col = _column(df, speed_cols), _column(df, acc_cols)

@@ -107,10 +107,15 @@ class EfficientNetLiteTower(nn.Module):
             x = block(x)
         return x
 
-    def forward_top(self, h: torch.Tensor) -> torch.Tensor:
+    def forward_top_map(self, h: torch.Tensor) -> torch.Tensor:
+        """The conv head's spatial map [B, 1280, H, W] *before* pooling: one vector per region,
+        what fine-grained (region-word) matchers score against (``matcher.finegrained``)."""
         for block in self.blocks[self.split:]:
             h = block(h)
-        return self.head(h).mean(dim=(2, 3))
+        return self.head(h)
+
+    def forward_top(self, h: torch.Tensor) -> torch.Tensor:
+        return self.forward_top_map(h).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_top(self.forward_trunk(x))
@@ -177,8 +182,12 @@ class MiniLMTextTower(nn.Module):
         h = self.embeddings(input_ids=input_ids)
         return self._run_layers(self.layers[: self.split], h, attention_mask)
 
+    def forward_top_tokens(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final token states [B, L, 384] before mean pooling (padding rows are not meaningful)."""
+        return self._run_layers(self.layers[self.split:], h, attention_mask)
+
     def forward_top(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self._run_layers(self.layers[self.split:], h, attention_mask)
+        h = self.forward_top_tokens(h, attention_mask)
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 

@@ -44,7 +44,7 @@ STUDENT_LOSSES = sorted({"contrastive", *DISTILLATION_LOSSES})  # HEI (hashing) 
 
 
 def test_registry_has_every_loss():
-    assert set(STUDENT_LOSSES) | {"hei"} == set(LOSSES)
+    assert set(STUDENT_LOSSES) | {"hei", "triplet"} == set(LOSSES)  # hei: hashing, triplet: fine tiers
     with pytest.raises(ValueError, match="choose one of"):
         build_loss("kl")
 

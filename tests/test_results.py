@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from matcher.results import (PUBLISHED_LABEL, load_results, metrics_table, published_table, tradeoff_figure,
+from matcher.results import (PUBLISHED_LABEL, RESULT_FILES, load_results, metrics_table, published_table, tradeoff_figure,
                              tradeoff_points, write_csv)
 
 
@@ -29,7 +29,7 @@ def test_missing_and_broken_files_become_notes(results_dir, tmp_path_factory):
     assert "hashing.json: unreadable" in " ".join(res.notes)
     assert "bench.json: not measured yet" in res.notes
     empty = load_results(tmp_path_factory.mktemp("nothing"))
-    assert empty.tables == {} and len(empty.notes) == 4
+    assert empty.tables == {} and len(empty.notes) == len(RESULT_FILES)
     assert metrics_table(empty).empty
     fig, tp = tradeoff_figure(empty)
     assert tp.points.empty and "no measured results yet" in fig.layout.title.text
@@ -54,6 +54,15 @@ def test_tradeoff_points_cover_matchers_losses_and_code_lengths(results_dir):
     assert skipped.points.empty and any("not measured" in s for s in skipped.skipped)
     with pytest.raises(ValueError):
         tradeoff_points(load_results(results_dir), "speed", "rsum")
+
+
+def test_fine_grained_tiers_are_points_of_their_own_group(results_dir):
+    (results_dir / "finegrained.json").write_text(json.dumps({"records": [
+        {"name": "dual teacher", "rsum": 309.7, "t2i_R@1": 24.3, "text_query_ms": 8.1},
+        {"name": "alignment fused C=20", "rsum": 315.0, "t2i_R@1": 25.0, "text_query_ms": 9.0}]}))
+    tp = tradeoff_points(load_results(results_dir), "text-query latency (ms)", "rsum")
+    fine = tp.points[tp.points["group"] == "fine-grained tiers"].set_index("label")
+    assert fine.loc["alignment fused C=20", "accuracy"] == 315.0 and fine.loc["dual teacher", "speed"] == 8.1
 
 
 def test_published_points_are_labelled_and_drawn_apart(results_dir):

@@ -67,6 +67,9 @@ class StudentRecipe:
     weight_decay: float = 0.05
     seed: int = 0
     teacher: str = DEFAULT_TEACHER
+    # "dual": the teacher matrix is t_img @ t_txt.T (default); otherwise the path of a trained
+    # alignment scorer (matcher.finegrained) whose per-batch alignment scores are distilled instead.
+    teacher_scores: str = "dual"
 
     def model_config(self, vocab_size: int, finetune: bool = True) -> dict:
         return {
@@ -157,6 +160,13 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
         t_images = torch.from_numpy(targets["train_images"].astype(np.float32))
         t_texts = torch.from_numpy(targets["train_texts"].astype(np.float32))
         teacher_scale = float(targets["logit_scale"])
+    fine = None
+    if needs_teacher and recipe.teacher_scores != "dual":
+        from matcher.finegrained.distill import AlignmentTargets
+
+        fine = AlignmentTargets(data, recipe.teacher, recipe.teacher_scores)
+        teacher_scale = fine.calibrate(t_images, t_texts, recipe.batch_size, seed=recipe.seed)
+        print(f"alignment teacher scores, calibrated scale {teacher_scale:.2f}", flush=True)
 
     module, vocab_info = build_student(recipe, data)
     image_feats = cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks)
@@ -190,7 +200,8 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
             if needs_teacher:
                 t_img = t_images[torch.from_numpy(rows), torch.from_numpy(views)]
                 t_txt = t_texts[torch.from_numpy(captions)]
-                loss, parts = objective(img @ txt.T, t_img @ t_txt.T, scale, teacher_scale)
+                sim_t = t_img @ t_txt.T if fine is None else fine.batch(rows, captions)
+                loss, parts = objective(img @ txt.T, sim_t, scale, teacher_scale)
             else:
                 loss, parts = objective(img @ txt.T, None, scale)
             if recipe.embed_weight:

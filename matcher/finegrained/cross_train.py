@@ -1,0 +1,147 @@
+"""Training of the cross-encoder (hard negatives from the dual teacher) and of its decomposition.
+
+Cross-encoder: each step takes B captions; each is scored against its own image and K images
+drawn from the dual teacher's top-``pool`` for that caption (its own image excluded), and the
+loss is the cross-entropy of the positive among those K + 1 scores. These are exactly the
+confusions a re-ranker of the dual shortlist has to resolve.
+
+Decomposition: each step takes B images with one caption each; the cross-encoder scores all
+B x B pairs (teacher, no grad) and the decomposed encoder's scaled cosines S learn
+    L = ListNet(S * scale, T) + contrastive_weight * InfoNCE(S * scale),
+the cross-encoder's logits T being used as they are.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from matcher.finegrained.evaluate import encode_split, full_scores, rerank_metrics, score_shortlists
+from matcher.finegrained.features import FineSplit
+from matcher.losses import ContrastiveLoss, ListNetLoss
+from matcher.metrics import retrieval_metrics
+
+
+@dataclass
+class CrossRecipe:
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    ffn: int = 256
+    dropout: float = 0.1
+    residual: bool = False        # score = teacher logit scale * dual cosine + read-out (read-out starts at 0)
+    steps: int = 300              # cross-encoder steps (CPU budget), B captions each
+    batch_size: int = 32
+    negatives: int = 3
+    pool: int = 10                # hard negatives are drawn from the dual top-``pool``
+    lr: float = 5e-4
+    candidates: int = 10          # val/test shortlist the cross-encoder re-ranks
+    decomp_steps: int = 200
+    decomp_batch: int = 32
+    decomp_lr: float = 5e-4
+    contrastive_weight: float = 1.0
+    eval_every: int = 100
+    seed: int = 0
+
+
+def hard_negatives(dual: np.ndarray, caption_image: np.ndarray, pool: int) -> np.ndarray:
+    """[captions, pool] each caption's top-``pool`` dual images other than its own."""
+    sim = dual.copy()
+    sim[np.arange(len(sim)), caption_image] = -np.inf
+    return np.argpartition(-sim, pool - 1, axis=1)[:, :pool]
+
+
+def _rerank_val(cross, val: FineSplit, dual_val: np.ndarray, candidates: int) -> dict:
+    enc = encode_split(cross, val)
+    return rerank_metrics(dual_val, score_shortlists(cross, enc, dual_val, candidates), val.caption_image)
+
+
+def train_cross(cross, train: FineSplit, dual_train: np.ndarray, val: FineSplit, dual_val: np.ndarray,
+                recipe: CrossRecipe, log=print) -> dict:
+    """Hard-negative training; the best val re-ranking checkpoint (every ``eval_every`` steps) is kept."""
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    negatives = hard_negatives(dual_train, train.caption_image, recipe.pool)
+    params = [p for p in cross.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.1)
+    history, best, best_state, losses, began = [], -1.0, None, [], time.time()
+    k = recipe.negatives + 1
+    for step in range(1, recipe.steps + 1):
+        cross.train()
+        caps = rng.integers(0, train.n_captions, recipe.batch_size)
+        own = train.caption_image[caps]
+        neg = np.stack([rng.choice(negatives[c], recipe.negatives, replace=False) for c in caps])
+        images = np.concatenate([own[:, None], neg], 1).ravel()                      # [B * k]
+        tokens, mask = train.token_batch(caps)
+        txt = cross.encode_text(tokens, mask).repeat_interleave(k, 0)
+        scores = cross.score_pairs(cross.encode_image(train.region_batch(images)), txt, mask.repeat_interleave(k, 0))
+        loss = F.cross_entropy(scores.view(-1, k), torch.zeros(len(caps), dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if step % recipe.eval_every == 0 or step == recipe.steps:
+            m = _rerank_val(cross, val, dual_val, recipe.candidates)
+            history.append({"step": step, "loss": float(np.mean(losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
+                            "val": m, "seconds": round(time.time() - began, 1)})
+            log(f"[cross] step {step}  loss {history[-1]['loss']:.4f}  val rsum (re-rank C={recipe.candidates}) "
+                f"{m['rsum']:.2f}  ({time.time() - began:.0f}s)")
+            if m["rsum"] > best:
+                best, best_state = m["rsum"], copy.deepcopy(cross.state_dict())
+    cross.load_state_dict(best_state)
+    chosen = max(history, key=lambda h: h["val_rsum"])
+    return {"history": history, "best_step": chosen["step"], "val": chosen["val"]}
+
+
+def decomposition_loss(decomposed, cross, train: FineSplit, rows: np.ndarray, captions: np.ndarray,
+                       contrastive_weight: float) -> torch.Tensor:
+    """ListNet to the cross-encoder's B x B logits + InfoNCE, on one batch (see module doc)."""
+    regions = train.region_batch(rows)
+    tokens, mask = train.token_batch(captions)
+    b = len(rows)
+    with torch.no_grad():
+        img_t, txt_t = cross.encode_image(regions), cross.encode_text(tokens, mask)
+        target = cross.score_pairs(img_t.repeat_interleave(b, 0), txt_t.repeat(b, 1, 1), mask.repeat(b, 1)).view(b, b)
+    sim = decomposed.logit_scale.exp() * decomposed.score(decomposed.encode_image(regions),
+                                                          decomposed.encode_text(tokens, mask))
+    return ListNetLoss()(sim, target) + contrastive_weight * ContrastiveLoss()(sim)
+
+
+def train_decomposed(decomposed, cross, train: FineSplit, val: FineSplit, recipe: CrossRecipe, log=print) -> dict:
+    """Distil the cross-encoder into its decomposition; best exhaustive val rsum kept."""
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed + 1)
+    cross.eval()
+    params = [p for p in decomposed.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.decomp_lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.decomp_lr, total_steps=recipe.decomp_steps,
+                                                    pct_start=0.1)
+    history, best, best_state, losses, began = [], -1.0, None, [], time.time()
+    for step in range(1, recipe.decomp_steps + 1):
+        decomposed.train()
+        rows = rng.choice(len(train), recipe.decomp_batch, replace=False)
+        captions = rows * train.captions_per_image + rng.integers(0, train.captions_per_image, len(rows))
+        loss = decomposition_loss(decomposed, cross, train, rows, captions, recipe.contrastive_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if step % recipe.eval_every == 0 or step == recipe.decomp_steps:
+            enc = encode_split(decomposed, val)
+            m = retrieval_metrics(full_scores(decomposed, enc, chunk=5000), val.caption_image)
+            history.append({"step": step, "loss": float(np.mean(losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
+                            "val": m, "seconds": round(time.time() - began, 1)})
+            log(f"[decomposed] step {step}  loss {history[-1]['loss']:.4f}  val rsum {m['rsum']:.2f}  "
+                f"({time.time() - began:.0f}s)")
+            if m["rsum"] > best:
+                best, best_state = m["rsum"], copy.deepcopy(decomposed.state_dict())
+    decomposed.load_state_dict(best_state)
+    chosen = max(history, key=lambda h: h["val_rsum"])
+    return {"history": history, "best_step": chosen["step"], "val": chosen["val"]}

@@ -1,0 +1,196 @@
+"""``eval-fine``: val and test recall, per-pair cost and per-query latency of every fine tier.
+
+One record per (tier, mode, C): the dual teacher itself, each alignment scorer as a pure and a
+fused re-ranker of the teacher's top-C (fusion weight λ chosen on val), each code scorer as an
+exhaustive late-interaction matcher. ``rsum`` and the R@K columns are test numbers; ``val_rsum``
+is the selection number. Latency is one text query against the 1000-image test gallery on the
+current torch threads: the teacher's text encoding (measured here) plus the search itself.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from matcher.atomic import atomic_path, write_json
+from matcher.finegrained.evaluate import (code_diversity, encode_split, full_scores, pair_cost_us, rerank_metrics, score_shortlists,
+                                          search_ms)
+from matcher.finegrained.features import FineSplit, dual_similarity, fine_features, teacher_heads
+from matcher.finegrained.train import load_scorer
+from matcher.metrics import retrieval_metrics
+
+FUSE_GRID = tuple(2.0 ** k for k in range(-6, 5))
+
+
+def _flat(metrics: dict) -> dict:
+    out = {f"{d}_{k}": round(v, 2) for d in ("t2i", "i2t") for k, v in metrics[d].items()}
+    return {**out, "rsum": round(metrics["rsum"], 2)}
+
+
+def _dual_embeddings(split: FineSplit, image_head, text_head) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        img = F.normalize(image_head(split.region_batch(np.arange(len(split))).mean(1)), dim=-1)
+        states, mask = split.token_batch(np.arange(split.n_captions))
+        m = mask.unsqueeze(-1).float()
+        txt = F.normalize(text_head((states * m).sum(1) / m.sum(1)), dim=-1)
+    return img, txt
+
+
+def text_encode_ms(teacher: str, repeats: int = 30) -> float:
+    """The teacher's text tower on one caption (every tier needs it: tokens or pooled)."""
+    from matcher.dual_encoder import load_checkpoint
+
+    module = load_checkpoint(teacher).module.eval()
+    text = ["a brown dog runs through the grass with a stick in its mouth"]
+    with torch.inference_mode():
+        module.text_embed(text)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module.text_embed(text)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
+
+
+def dual_pair_us(img: torch.Tensor, txt: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    for _ in range(3):
+        txt @ img.T
+    return (time.perf_counter() - t0) / 3 * 1e6 / (len(txt) * len(img))
+
+
+def _record(name: str, tier: str, mode: str, val: dict, test: dict, encode_ms: float, search: float,
+            pair_us: float, **extra) -> dict:
+    return {"name": name, "tier": tier, "mode": mode, "val_rsum": round(val["rsum"], 2), **_flat(test),
+            "pair_us": round(pair_us, 4), "search_ms": round(search, 3),
+            "text_query_ms": round(encode_ms + search, 3), **extra}
+
+
+def rerank_records(name: str, scorer, feats, duals, dual_emb, encode_ms: float, candidates: list[int],
+                   tier: str = "alignment") -> list[dict]:
+    """Pure and fused re-ranking records for each shortlist size C (λ for fusion chosen on val)."""
+    enc = {s: encode_split(scorer, feats[s]) for s in ("val", "test")}
+    cost = pair_cost_us(scorer, enc["test"])
+    records = []
+    for c in candidates:
+        lists = {s: score_shortlists(scorer, enc[s], duals[s], c) for s in ("val", "test")}
+        search = search_ms(*dual_emb, scorer, enc["test"], candidates=c)
+        pure = {s: rerank_metrics(duals[s], lists[s], feats[s].caption_image) for s in ("val", "test")}
+        records.append(_record(f"{name} re-rank C={c}", tier, "rerank", pure["val"], pure["test"],
+                               encode_ms, search, cost, candidates=c))
+        val_by_lam = {lam: rerank_metrics(duals["val"], lists["val"], feats["val"].caption_image, fuse=lam)["rsum"]
+                      for lam in FUSE_GRID}
+        lam = max(val_by_lam, key=val_by_lam.get)
+        fused = {s: rerank_metrics(duals[s], lists[s], feats[s].caption_image, fuse=lam) for s in ("val", "test")}
+        records.append(_record(f"{name} fused C={c}", tier, "fused", fused["val"], fused["test"],
+                               encode_ms, search, cost, candidates=c, fuse_lambda=lam))
+    return records
+
+
+def exhaustive_record(name: str, scorer, feats, dual_emb, encode_ms: float, tier: str = "codes") -> dict:
+    """A late-interaction (codes) or decomposed (one vector per item) scorer over the whole gallery."""
+    enc = {s: encode_split(scorer, feats[s]) for s in ("val", "test")}
+    metrics = {s: retrieval_metrics(full_scores(scorer, enc[s]), feats[s].caption_image) for s in ("val", "test")}
+    search = search_ms(*dual_emb, scorer, enc["test"], exhaustive=True)
+    codes = enc["test"].images.shape[1]
+    diversity = code_diversity(scorer, feats["val"]) if hasattr(scorer, "pool") else {}
+    return _record(name, tier, "exhaustive", metrics["val"], metrics["test"], encode_ms, search,
+                   pair_cost_us(scorer, enc["test"]), codes=codes,
+                   gallery_floats_per_image=codes * enc["test"].images.shape[-1], **diversity)
+
+
+def run_eval(args) -> dict:
+    from matcher.evaluate import machine_description
+    from matcher.train.features import Flickr8k
+
+    feats = fine_features(Flickr8k.load(args.data), args.teacher)
+    image_head, text_head, _ = teacher_heads(args.teacher)
+    duals = {s: dual_similarity(feats[s], image_head, text_head) for s in ("val", "test")}
+    dual_emb = _dual_embeddings(feats["test"], image_head, text_head)
+    encode_ms = text_encode_ms(args.teacher)
+    metrics = {s: retrieval_metrics(duals[s], feats[s].caption_image) for s in ("val", "test")}
+    records = [_record("dual teacher", "dual", "exhaustive", metrics["val"], metrics["test"], encode_ms,
+                       search_ms(*dual_emb), dual_pair_us(*dual_emb), gallery_floats_per_image=dual_emb[0].shape[1])]
+    candidates = [int(c) for c in str(args.candidates).split(",") if c.strip()]
+    for path in sorted(Path(args.models).glob(getattr(args, "pattern", None) or "*.pt")):
+        scorer, recipe, _ = load_scorer(path, image_head, text_head)
+        tier = recipe["tier"] if isinstance(recipe, dict) else recipe.tier
+        if tier == "alignment":
+            records += rerank_records(path.stem, scorer, feats, duals, dual_emb, encode_ms, candidates)
+        elif tier == "cross":  # the slowest tier: only its own (small) shortlist size
+            records += rerank_records(path.stem, scorer, feats, duals, dual_emb, encode_ms, [recipe["candidates"]],
+                                      tier="cross")
+        else:
+            records.append(exhaustive_record(path.stem, scorer, feats, dual_emb, encode_ms, tier))
+        print(f"evaluated {path.name}", flush=True)
+    results = Path(args.results)
+    previous = _previous(results.with_suffix(".json")) if getattr(args, "append", False) else {}
+    if previous:  # keep earlier tiers (same teacher row first), replace re-evaluated ones
+        fresh = {r["name"] for r in records}
+        records = records[:1] + [r for r in previous.get("records", [])[1:] if r["name"] not in fresh] + records[1:]
+    teacher = records[0]
+    for r in records:
+        r["rsum_vs_teacher"] = round(r["rsum"] - teacher["rsum"], 2)
+        r["val_rsum_vs_teacher"] = round(r["val_rsum"] - teacher["val_rsum"], 2)
+    command = "python -m matcher " + " ".join(sys.argv[1:])
+    earlier = previous.get("commands", [previous["command"]] if "command" in previous else [])
+    report = {"command": command, "commands": [*earlier, command], "split": "test (val_rsum: val)",
+              "gallery_images": len(feats["test"]), "machine": machine_description(), "records": records,
+              "distillation": student_records(args.data, [p for p in str(args.students or "").split(",") if p])
+              or previous.get("distillation", [])}
+    write_json(results.with_suffix(".json"), report)
+    write_records_csv(results.with_suffix(".csv"), records)
+    print(format_table(records))
+    return report
+
+
+def student_records(data_root: str, paths: list[str]) -> list[dict]:
+    """Students distilled from different teacher matrices: val from training, test from cached features."""
+    from matcher.dual_encoder import load_checkpoint
+    from matcher.train.features import Flickr8k, cached_image_features
+    from matcher.train.pairs import CachedSplit
+    from matcher.train.student import caption_id_features
+    from matcher.train.teacher import cached_metrics
+
+    data, out = Flickr8k.load(data_root), []
+    for path in paths:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        recipe = payload["metadata"]["recipe"]
+        module = load_checkpoint(path).module
+        test = CachedSplit.from_features(
+            cached_image_features(data, recipe["image_variant"], recipe["image_size"], recipe["cached_blocks"]),
+            caption_id_features(data, module), "test")
+        out.append({"name": Path(path).stem, "loss": recipe["loss"], "teacher_scores": recipe.get("teacher_scores", "dual"),
+                    "epochs": recipe["epochs"], "caption_passes": recipe["caption_passes"], "seed": recipe["seed"],
+                    "best_epoch": payload["metadata"]["best_epoch"], "val_rsum": round(payload["metadata"]["val"]["rsum"], 2),
+                    **_flat(cached_metrics(module, test))})
+    return out
+
+
+def _previous(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_records_csv(path: Path, records: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(records)
+
+
+def format_table(records: list[dict]) -> str:
+    head = f"{'tier':<34}{'val':>8}{'test':>8}{'t2i@1':>7}{'i2t@1':>7}{'pair us':>9}{'query ms':>9}"
+    rows = [head, "-" * len(head)]
+    for r in records:
+        rows.append(f"{r['name']:<34}{r['val_rsum']:8.2f}{r['rsum']:8.2f}{r['t2i_R@1']:7.2f}{r['i2t_R@1']:7.2f}"
+                    f"{r['pair_us']:9.3f}{r['text_query_ms']:9.2f}")
+    return "\n".join(rows)
