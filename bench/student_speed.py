@@ -1,0 +1,75 @@
+"""Image throughput of the teacher and of the student's image tower at several input sizes, end to end.
+
+The path ``python -m matcher eval`` times (``Encoder.encode_images``: preprocessing included, batch 8,
+channels-last), with the committed student's weights run at each size, rounds interleaved
+(teacher, 112, 128, ..., teacher, ...) so that load on the machine hits every entry alike. It answers
+one question: which student input sizes keep the >= 5x image-throughput target against the teacher.
+
+    python bench/student_speed.py [--sizes 112,128,144] [--threads 2] [--json assets/results/student-speed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from matcher.atomic import write_json  # noqa: E402
+from matcher.evaluate import machine_description  # noqa: E402
+from matcher.images import load_rgb  # noqa: E402
+from matcher.models import load_encoder  # noqa: E402
+from matcher.paths import DEFAULT_GALLERY  # noqa: E402
+from matcher.towers import image_transform  # noqa: E402
+
+
+def images_per_s(encoder, images) -> float:
+    started = time.perf_counter()
+    encoder.encode_images(images, batch_size=8)
+    return len(images) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="112,128,144")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--json", default="assets/results/student-speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    paths = sorted(p for p in (Path(DEFAULT_GALLERY) / "images").iterdir())[: args.images]
+    images = [load_rgb(p) for p in paths]
+    teacher = load_encoder("offline-teacher")
+    students = {}
+    for size in [int(s) for s in args.sizes.split(",") if s.strip()]:
+        student = load_encoder("offline-student")
+        student.module.image_tower.image_size = size
+        student.preprocess = image_transform(size)
+        students[size] = student
+    entries = {"teacher": teacher, **{f"student@{s}": e for s, e in students.items()}}
+    for encoder in entries.values():
+        encoder.encode_images(images[:8], batch_size=8)  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in entries}
+    for _ in range(args.rounds):
+        for name, encoder in entries.items():
+            rates[name].append(images_per_s(encoder, images))
+    teacher_rate = float(np.median(rates["teacher"]))
+    rows = [{"model": name, "images_per_s": round(float(np.median(r)), 1),
+             "min": round(min(r), 1), "max": round(max(r), 1),
+             "speedup_vs_teacher": round(float(np.median(r)) / teacher_rate, 2)} for name, r in rates.items()]
+    for row in rows:
+        print(row)
+    write_json(args.json, {"command": "python bench/student_speed.py " + " ".join(sys.argv[1:]),
+                           "machine": {**machine_description(), "threads": args.threads},
+                           "note": "Encoder.encode_images (preprocessing included), batch 8, channels-last; "
+                                   f"{len(images)} bundled test photos; median of {args.rounds} interleaved rounds",
+                           "rows": rows})
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
