@@ -31,8 +31,10 @@ log = logging.getLogger("matcher.app")
 INTRO = """# matcher: efficient image-text matching
 Search a photo gallery by text or by image with every matcher of the active preset side by side:
 the **teacher** (accurate, slower), the distilled **student** and the **hashed** index (binary codes,
-candidate search + re-rank). Scores are cosine similarities; ✓ marks a ground-truth image when the query
-is one of the gallery's captions. Timings are per stage, measured on this server."""
+candidate search + re-rank); the `offline+fine` preset adds a fourth column, **fine**: the teacher's top 50
+re-scored region × word (text queries). Scores are cosine similarities (fine: cosine + weighted alignment
+score); ✓ marks a ground-truth image when the query is one of the gallery's captions. Timings are per
+stage, measured on this server."""
 
 ANALYSIS_NOTE = """For every caption of the gallery (the query) the right answer is the photo it describes.
 Listed: queries where the teacher finds it in its top K and the chosen matcher does not (or the reverse)."""

@@ -99,8 +99,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = {"gallery": str(args.gallery), "split": args.split, "preset": args.preset,
               "machine": machine_description(), "matchers": {}}
     from matcher.hashing.commands import add_hashed_entries, is_hashed
+    from matcher.models import registered_models
 
     roles = _roles(args.preset, args.matchers)
+    fine = {r for r, s in roles.items() if (registered_models().get(s) or {}).get("type") == "fine-rerank"}
+    for role in fine:  # its recall needs the region-word scorer over every query: eval-fine measures it
+        print(f"{role}: not measured here; `python -m matcher eval-fine` writes assets/results/finegrained.json")
+        roles.pop(role)
     for role, spec in roles.items():
         if not is_hashed(spec):
             report["matchers"][role], _ = evaluate_matcher(spec, gallery)

@@ -23,6 +23,9 @@ CONFIG_DIR = REPO_ROOT / "matcher" / "model_configs"
 PRESETS: dict[str, dict[str, str]] = {
     # Everything from the repository and PyPI; what tests, CI and the default app run.
     "offline": {"teacher": "offline-teacher", "student": "offline-student", "hashed": "offline-hashed"},
+    # The same plus the fine-grained tier as a fourth column (teacher shortlist re-scored region x word).
+    "offline+fine": {"teacher": "offline-teacher", "student": "offline-student", "hashed": "offline-hashed",
+                     "fine": "offline-fine"},
     # Hub weights (needs internet on first use): what a Hugging Face Space can run.
     "clip": {"teacher": "open_clip:ViT-L-14@dfn2b", "student": "open_clip:MobileCLIP2-S0@dfndr2b"},
 }
@@ -54,7 +57,12 @@ def _from_config(name: str, config: dict) -> Encoder:
         # A hashed matcher encodes queries with its base float encoder; the hash heads act on its
         # output (``open_matcher`` builds the two-stage search around it).
         return load_encoder(config["base"])
-    raise ValueError(f"model config {name!r} has unknown type {kind!r} (expected 'towers', 'open_clip' or 'hashed')")
+    if kind == "fine-rerank":
+        # Likewise: queries are encoded by the base (teacher); the shortlist is re-scored region x word
+        # by ``matcher.finegrained.search``.
+        return load_encoder(config["base"])
+    raise ValueError(f"model config {name!r} has unknown type {kind!r} "
+                     "(expected 'towers', 'open_clip', 'hashed' or 'fine-rerank')")
 
 
 def load_encoder(spec: str) -> Encoder:

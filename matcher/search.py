@@ -140,7 +140,8 @@ def open_matcher(spec: str, gallery: Gallery):
     """The matcher a spec names, serving ``gallery``. Every matcher takes ``SearchOptions``.
 
     Float specs (any ``load_encoder`` spec) give an exact ``Matcher``; a registered config of type
-    ``"hashed"`` gives a two-stage ``HashedMatcher`` (``matcher.hashing``).
+    ``"hashed"`` gives a two-stage ``HashedMatcher`` (``matcher.hashing``), one of type
+    ``"fine-rerank"`` the teacher's shortlist re-scored region x word (``matcher.finegrained``).
     """
     from matcher.models import cached_encoder, registered_models
 
@@ -149,4 +150,8 @@ def open_matcher(spec: str, gallery: Gallery):
         from matcher.hashing.search import open_hashed_matcher
 
         return open_hashed_matcher(spec, config, gallery)
+    if config and config.get("type") == "fine-rerank":
+        from matcher.finegrained.search import open_fine_matcher
+
+        return open_fine_matcher(spec, config, gallery)
     return Matcher(cached_encoder(spec), gallery)

@@ -219,6 +219,17 @@ def test_real_bundled_teacher_answers_in_the_page(browser, tmp_path_factory):
         header = page.inner_text("#col-0-header")
         assert "offline-teacher" in header and "ground-truth image" in header and "encode" in header
         shot(page, "search-teacher")
+
+        # The optional fourth column: the fine-grained tier re-ranks the teacher's shortlist.
+        page.click("#preset input")
+        page.get_by_role("option", name="offline+fine").click()
+        page.wait_for_function("document.querySelector('#active-preset').innerText.includes('offline+fine')",
+                               timeout=TIMEOUT)
+        page.click("#search-btn")
+        wait_for_results(page, columns=4)
+        fine = page.inner_text("#col-3-header")
+        assert "fine" in fine and "rerank" in fine and "candidates" in fine
+        shot(page, "search-fine")
     finally:
         context.close()
         demo.close()

@@ -323,3 +323,42 @@ def test_alignment_targets_batch_matches_max_sum_and_calibration_matches_the_dua
     assert scale > 0
     dual_spread = (30.0 * (t_images[r, 0] @ t_texts[c].T)).std(1).mean()
     assert (scale * targets.batch(r, c)).std(1).mean().item() == pytest.approx(dual_spread.item(), rel=1e-4)
+
+
+# -- the fine tier as a dashboard matcher (bundled teacher + bundled alignment scorer) ----------------
+
+@pytest.mark.slow
+def test_fine_rerank_matcher_reorders_only_the_teacher_shortlist(small_gallery, tmp_path):
+    from matcher.cache import ArrayCache
+    from matcher.finegrained.search import FineRerankMatcher
+    from matcher.gallery import open_gallery
+    from matcher.models import registered_models
+    from matcher.search import Matcher, QueryError, SearchOptions, open_matcher
+
+    gallery = open_gallery(small_gallery)
+    fine = open_matcher("offline-fine", gallery)
+    assert isinstance(fine, FineRerankMatcher) and fine.regions.shape[:2] == (12, 49)
+    config = registered_models()["offline-fine"]
+    caption = gallery.captions[gallery.names[3]][0]
+
+    result = fine.search_text(caption, SearchOptions(k=5))
+    assert set(result.timings_ms) == {"encode", "candidates", "rerank"}
+    scores = [h.score for h in result.hits]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+    # Every hit is scored cos_teacher + fuse * alignment, recomputed here independently.
+    query, words, mask = fine._encode_text(caption)
+    teacher = fine.base.encoder.encode_texts([caption])[0]
+    assert np.allclose(query, teacher, atol=1e-5)  # one tower run gives the teacher's own embedding
+    for hit in result.hits:
+        cos = float(fine.embeddings.images[hit.row] @ teacher)
+        align = float(fine.scorer.score_pairs(fine.regions[hit.row:hit.row + 1], words, mask)[0])
+        assert hit.score == pytest.approx(cos + config["fuse"] * align, abs=1e-4)
+    # With a shortlist of C = k, re-ranking can only permute the teacher's own top-k.
+    short = FineRerankMatcher(fine.base, fine.scorer, config["fuse"], candidates=5, cache=ArrayCache(tmp_path))
+    teacher_top = {h.name for h in Matcher(fine.base.encoder, gallery).search_text(caption, SearchOptions(k=5)).hits}
+    assert {h.name for h in short.search_text(caption, SearchOptions(k=5)).hits} == teacher_top
+    assert torch.equal(short.regions, fine.regions)  # gallery regions are deterministic (and cached)
+    # Image queries have no words: the teacher answers, unchanged.
+    assert [h.name for h in fine.more_like(gallery.names[0]).hits] == [h.name for h in fine.base.more_like(gallery.names[0]).hits]
+    with pytest.raises(QueryError):
+        fine.search_text("   ")
