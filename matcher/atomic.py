@@ -27,6 +27,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def write_records_csv(path: str | os.PathLike, records: list[dict]) -> None:
+    """Records (dicts) as CSV, one column per scalar key in first-seen order; nested values are left
+    to the JSON file that accompanies every results CSV."""
+    import csv
+
+    keys = list(dict.fromkeys(k for r in records for k in r if not isinstance(r[k], (list, dict))))
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -99,6 +99,15 @@ def cmd_eval_fine(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
+def _recipe_flags(p: argparse.ArgumentParser, recipe_cls) -> None:
+    """One optional flag per recipe field (booleans as switches); unset flags keep the recipe default."""
+    for f in fields(recipe_cls):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+
+
 def add_commands(sub, default_data: str) -> None:
     from matcher.finegrained.train import FineRecipe
 
@@ -108,11 +117,7 @@ def add_commands(sub, default_data: str) -> None:
     p.add_argument("--out", required=True, help="e.g. assets/models/fine/alignment.pt (+ .train.json)")
     p.add_argument("--distill-from", dest="distill_from", help="a trained (larger) fine scorer to distil from")
     p.add_argument("--threads", type=int, default=1)
-    for f in fields(FineRecipe):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+    _recipe_flags(p, FineRecipe)
     p.set_defaults(func=cmd_train_fine)
 
     from matcher.finegrained.cross_train import CrossRecipe
@@ -123,11 +128,7 @@ def add_commands(sub, default_data: str) -> None:
     p.add_argument("--out-dir", dest="out_dir", default="assets/models/fine")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--decompose", action="store_true", help="also train the decomposition from the cross-encoder")
-    for f in fields(CrossRecipe):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+    _recipe_flags(p, CrossRecipe)
     p.set_defaults(func=cmd_train_cross)
 
     p = sub.add_parser("eval-fine", help="val/test recall and costs of every fine tier vs the dual teacher")

@@ -8,7 +8,6 @@ current torch threads: the teacher's text encoding (measured here) plus the sear
 """
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from matcher.atomic import atomic_path, write_json
+from matcher.atomic import write_json, write_records_csv
 from matcher.finegrained.evaluate import (code_diversity, encode_split, full_scores, pair_cost_us, rerank_metrics, score_shortlists,
                                           search_ms)
 from matcher.finegrained.features import FineSplit, dual_similarity, fine_features, teacher_heads
@@ -176,15 +175,6 @@ def _previous(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_records_csv(path: Path, records: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in records for k in r))
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(records)
 
 
 def format_table(records: list[dict]) -> str:

@@ -210,7 +210,8 @@ def load_hasher(cfg: BenchConfig, encoder) -> Hasher:
 def run_benchmark(cfg: BenchConfig, json_path: str | Path) -> dict:
     import torch
 
-    from matcher.hashing.commands import split_embeddings, write_csv
+    from matcher.atomic import write_records_csv
+    from matcher.hashing.commands import split_embeddings
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -235,7 +236,7 @@ def run_benchmark(cfg: BenchConfig, json_path: str | Path) -> dict:
             r.setdefault("load_average_1m", round(os.getloadavg()[0], 2))  # shared machine: context for timings
         report["speedups"] = speedups(report["records"])
         write_json(json_path, report)  # partial results survive a long run being stopped
-        write_csv(json_path.with_suffix(".csv"), report["records"])
+        write_records_csv(json_path.with_suffix(".csv"), report["records"])
         gc.collect()
     fig = figure(report["records"])
     with atomic_path(json_path.with_suffix(".html")) as tmp:

@@ -6,23 +6,13 @@ Kept here so ``matcher/cli.py`` only registers them (``add_commands``) and calls
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 from dataclasses import fields
 from pathlib import Path
 
-from matcher.atomic import atomic_path, write_json
+from matcher.atomic import write_json, write_records_csv
 
 log = logging.getLogger(__name__)
-
-
-def write_csv(path: str | Path, records: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in records for k in r if not isinstance(r[k], (list, dict))))
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(records)
 
 
 def _int_list(text: str) -> list[int]:
@@ -77,7 +67,7 @@ def cmd_train_hash(args: argparse.Namespace) -> None:
     results = Path(args.results)
     write_json(results.with_suffix(".json"), {"base": args.model, "target": args.target, "heads": str(args.out),
                                               "records": records, "training": training})
-    write_csv(results.with_suffix(".csv"), records)
+    write_records_csv(results.with_suffix(".csv"), records)
     print(format_comparison([r for r in records if r["split"] == "test"]))
     print(f"wrote {results.with_suffix('.json')} and .csv")
 
