@@ -62,12 +62,13 @@ def main() -> None:
     cache = args.cache_dir or tempfile.mkdtemp(prefix="matcher-bench-cache-")
     shutil.rmtree(cache, ignore_errors=True)
     Path(cache).mkdir(parents=True)
+    load_before = os.getloadavg()
     try:
         result = {
             "command": "python app.py " + " ".join(extra), "roles": args.roles or (args.preset or "offline preset"),
             "cold": one_start(extra, cache), "warm": one_start(extra, cache),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "note": "2 cores shared with other jobs while measuring"},
+                        "load_average_before": [round(x, 2) for x in load_before]},
             "note": "client-side wall time of text queries through gradio_client after the warm-up thread finished",
         }
     finally:
