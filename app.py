@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -67,15 +67,134 @@ def _gallery_label(root: str, size: int) -> str:
     return f"Gallery: `{shown}` ({size} images)"
 
 
+@dataclass
+class _Page:
+    """What more than one tab reads or writes: the workspace, the preset, the active gallery, the options."""
+
+    demo: gr.Blocks
+    ws: Workspace
+    preset: gr.Dropdown
+    root: gr.State
+    active_md: gr.Markdown
+    gallery_md: gr.Markdown
+    tmp_dir: Path
+    search_inputs: list = field(default_factory=list)  # k, bits, candidates, rerank (made by the search tab)
+
+    @property
+    def slots(self) -> int:
+        return self.ws.max_roles
+
+    @property
+    def options(self) -> list:
+        """Inputs of every search call: preset, gallery root, then the search options."""
+        return [self.preset, self.root, *self.search_inputs]
+
+
+def _search_options(k, bits, candidates, rerank) -> SearchOptions:
+    return SearchOptions(k=int(k), bits=int(bits), candidates=int(candidates), rerank=bool(rerank))
+
+
 def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Blocks:
     """The page. Tests pass a ``Workspace`` with tiny models and a small gallery."""
     ws = workspace or Workspace(**workspace_kwargs)
-    slots = ws.max_roles
-    examples = example_queries(ws.gallery(), 8)
-    tmp_dir = Path(tempfile.mkdtemp(prefix="matcher-app-"))
+    with gr.Blocks(title="matcher: efficient image-text matching") as demo:
+        root_state = gr.State(ws.default_gallery)
+        gr.Markdown(INTRO)
+        with gr.Row():
+            preset_dd = gr.Dropdown(list(ws.presets), value=ws.default_preset, label="Matcher preset", scale=1,
+                                    elem_id="preset")
+            active_md = gr.Markdown(ws.active().describe(), elem_id="active-preset")
+        gallery_md = gr.Markdown(_gallery_label(ws.default_gallery, len(ws.gallery())), elem_id="gallery-info")
+        page = _Page(demo, ws, preset_dd, root_state, active_md, gallery_md, Path(tempfile.mkdtemp(prefix="matcher-app-")))
+        with gr.Tabs():
+            with gr.Tab("Search", id="search"):
+                _search_tab(page)
+            with gr.Tab("Trade-offs", id="tradeoffs"):
+                _tradeoffs_tab(page)
+            with gr.Tab("Error analysis", id="errors"):
+                _analysis_tab(page)
+            with gr.Tab("Own gallery", id="own"):
+                _own_gallery_tab(page)
+    demo.workspace = ws  # for tests and the launcher
+    return demo
 
-    def options(k, bits, candidates, rerank) -> SearchOptions:
-        return SearchOptions(k=int(k), bits=int(bits), candidates=int(candidates), rerank=bool(rerank))
+
+# -- search ---------------------------------------------------------------------------------------
+
+def _search_tab(page: _Page) -> None:
+    """Query inputs, options, one result column per role slot, "more like this"; and their events."""
+    ws, slots = page.ws, page.slots
+    with gr.Row():
+        with gr.Column(scale=3):
+            query = gr.Textbox(label="Text query", placeholder="a dog running on the beach", elem_id="query", max_lines=2)
+            with gr.Row():
+                search_btn = gr.Button("Search", variant="primary", elem_id="search-btn")
+            example_box = gr.Examples([[e] for e in example_queries(ws.gallery(), 8)], inputs=[query],
+                                      label="Example queries (captions from the test split; click to search)")
+        with gr.Column(scale=2):
+            image_in = gr.File(label="…or search by image (upload a photo)", type="filepath", elem_id="image-upload",
+                               height=140)
+            image_preview = gr.Image(label="Query image", height=140, interactive=False, show_label=True)
+    with gr.Accordion("Options", open=False):
+        with gr.Row():
+            page.search_inputs = [
+                gr.Slider(1, min(MAX_K, 50), value=8, step=1, label="K (results per matcher)", elem_id="k"),
+                gr.Dropdown([16, 32, 64, 128, 256], value=64, label="Code length (bits, hashed)"),
+                gr.Slider(10, 1000, value=100, step=10, label="Candidate pool C (hashed)"),
+                gr.Checkbox(value=True, label="Re-rank candidates with float similarity (hashed)"),
+            ]
+    status_md = gr.Markdown("", elem_id="search-status")
+    hits_state = gr.State([[] for _ in range(slots)])
+    selected_state = gr.State("")
+    col_outs, galleries = _result_columns(ws)
+    with gr.Row():
+        selected_md = gr.Markdown("Click a result to select it, then:", elem_id="selected")
+        more_btn = gr.Button("More like this", elem_id="more-like")
+
+    run_text, run_image, run_more_like, change_preset = _search_handlers(ws)
+    outs = [status_md, hits_state] + col_outs
+    search_kw = dict(concurrency_limit=4, concurrency_id="search")
+    search_btn.click(run_text, [query] + page.options, outs, api_name="search_text", **search_kw)
+    query.submit(run_text, [query] + page.options, outs, api_visibility="private", **search_kw)
+    if getattr(example_box, "load_input_event", None) is not None:  # clicking an example also runs it
+        example_box.load_input_event.then(run_text, [query] + page.options, outs, api_visibility="private", **search_kw)
+    image_in.upload(run_image, [image_in] + page.options, outs + [image_preview], api_name="search_image", **search_kw)
+    more_btn.click(run_more_like, [selected_state] + page.options, outs, api_name="more_like", **search_kw)
+    for i, gal in enumerate(galleries):
+        gal.select(_select_hit(i), [hits_state], [selected_state, selected_md], api_visibility="private")
+    page.preset.change(change_preset, [page.preset, page.root], [page.active_md, hits_state] + col_outs,
+                       api_visibility="private")
+
+
+def _result_columns(ws: Workspace) -> tuple[list, list]:
+    """One (column, header, gallery) per role slot; slots beyond the active preset start hidden."""
+    col_outs, galleries = [], []
+    active_roles = list(ws.active().roles)
+    with gr.Row(equal_height=False):
+        for i in range(ws.max_roles):
+            visible = i < len(active_roles)
+            with gr.Column(visible=visible, elem_id=f"col-{i}", min_width=220) as col:
+                header = gr.Markdown(f"### {active_roles[i]}" if visible else "", elem_id=f"col-{i}-header")
+                gal = gr.Gallery(label="top K", columns=_thumbs_per_row(len(active_roles)), height=520, object_fit="cover",
+                                 elem_id=f"col-{i}-gallery", allow_preview=True, show_label=False)
+            col_outs += [col, header, gal]
+            galleries.append(gal)
+    return col_outs, galleries
+
+
+def _select_hit(i: int):
+    def handler(hits, evt: gr.SelectData):
+        names = hits[i] if i < len(hits) else []
+        index = evt.index if isinstance(evt.index, int) else 0
+        if index >= len(names):
+            return "", "Click a result to select it, then:"
+        return names[index], f"Selected **{names[index]}**; now:"
+    return handler
+
+
+def _search_handlers(ws: Workspace):
+    """(run_text, run_image, run_more_like, change_preset): status, hits per slot, then 3 updates per slot."""
+    slots = ws.max_roles
 
     def columns_out(columns: list[Column], truth: int) -> list:
         out = []
@@ -94,11 +213,10 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
     def empty_out(message: str) -> list:
         return [message, [[] for _ in range(slots)]] + [gr.update(), gr.update(), gr.update()] * slots
 
-    # --- search handlers -----------------------------------------------------------------------
     def run_text(text, preset, root, k, bits, candidates, rerank, progress=gr.Progress(track_tqdm=True)):
         try:
             mset = ws.matchers(preset, root)
-            columns = mset.search_text(text, options(k, bits, candidates, rerank))
+            columns = mset.search_text(text, _search_options(k, bits, candidates, rerank))
         except (QueryError, GalleryError) as exc:
             return empty_out(f"⚠️ {exc}")
         truth = len(mset.ground_truth(text))
@@ -115,7 +233,7 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
             gr.Warning(f"{name} is not an image we can read: {exc}.")
             return empty_out(f"⚠️ **{name}** is not an image we can read: {exc}. Upload a JPEG, PNG, WebP, GIF or BMP photo.") + [None]
         try:
-            columns = ws.matchers(preset, root).search_image(image, options(k, bits, candidates, rerank))
+            columns = ws.matchers(preset, root).search_image(image, _search_options(k, bits, candidates, rerank))
         except (QueryError, GalleryError) as exc:
             return empty_out(f"⚠️ {exc}") + [None]
         return [f"Image query: {name}", names_of(columns)] + columns_out(columns, 0) + [image]
@@ -124,7 +242,7 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
         if not selected:
             return empty_out("Click a result in any column first, then “More like this”.")
         try:
-            columns = ws.matchers(preset, root).more_like(selected, options(k, bits, candidates, rerank))
+            columns = ws.matchers(preset, root).more_like(selected, _search_options(k, bits, candidates, rerank))
         except (QueryError, GalleryError) as exc:
             return empty_out(f"⚠️ {exc}")
         return [f"More like {selected} (image → image, from stored embeddings)", names_of(columns)] + columns_out(columns, 0)
@@ -139,266 +257,201 @@ def build_app(workspace: Workspace | None = None, **workspace_kwargs) -> gr.Bloc
             updates += [gr.update(visible=visible), header, gr.update(value=[], columns=_thumbs_per_row(len(roles)))]
         return [active.describe(), [[] for _ in range(slots)]] + updates
 
-    with gr.Blocks(title="matcher: efficient image-text matching") as demo:
-        root_state = gr.State(ws.default_gallery)
-        hits_state = gr.State([[] for _ in range(slots)])
-        selected_state = gr.State("")
-        gr.Markdown(INTRO)
-        with gr.Row():
-            preset_dd = gr.Dropdown(list(ws.presets), value=ws.default_preset, label="Matcher preset", scale=1,
-                                    elem_id="preset")
-            active_md = gr.Markdown(ws.active().describe(), elem_id="active-preset")
-        gallery_md = gr.Markdown(_gallery_label(ws.default_gallery, len(ws.gallery())), elem_id="gallery-info")
+    return run_text, run_image, run_more_like, change_preset
 
-        with gr.Tabs():
-            with gr.Tab("Search", id="search"):
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        query = gr.Textbox(label="Text query", placeholder="a dog running on the beach", elem_id="query",
-                                           max_lines=2)
-                        with gr.Row():
-                            search_btn = gr.Button("Search", variant="primary", elem_id="search-btn")
-                        example_box = gr.Examples([[e] for e in examples], inputs=[query],
-                                                  label="Example queries (captions from the test split; click to search)")
-                    with gr.Column(scale=2):
-                        image_in = gr.File(label="…or search by image (upload a photo)", type="filepath", elem_id="image-upload",
-                                           height=140)
-                        image_preview = gr.Image(label="Query image", height=140, interactive=False, show_label=True)
-                with gr.Accordion("Options", open=False):
-                    with gr.Row():
-                        k_in = gr.Slider(1, min(MAX_K, 50), value=8, step=1, label="K (results per matcher)", elem_id="k")
-                        bits_in = gr.Dropdown([16, 32, 64, 128, 256], value=64, label="Code length (bits, hashed)")
-                        cand_in = gr.Slider(10, 1000, value=100, step=10, label="Candidate pool C (hashed)")
-                        rerank_in = gr.Checkbox(value=True, label="Re-rank candidates with float similarity (hashed)")
-                status_md = gr.Markdown("", elem_id="search-status")
-                result_cols, headers, galleries = [], [], []
-                active_roles = list(ws.active().roles)
-                with gr.Row(equal_height=False):
-                    for i in range(slots):
-                        visible = i < len(active_roles)
-                        with gr.Column(visible=visible, elem_id=f"col-{i}", min_width=220) as col:
-                            header = gr.Markdown(f"### {active_roles[i]}" if visible else "", elem_id=f"col-{i}-header")
-                            gal = gr.Gallery(label="top K", columns=_thumbs_per_row(len(active_roles)), height=520, object_fit="cover", elem_id=f"col-{i}-gallery",
-                                             allow_preview=True, show_label=False)
-                        result_cols.append(col)
-                        headers.append(header)
-                        galleries.append(gal)
-                with gr.Row():
-                    selected_md = gr.Markdown("Click a result to select it, then:", elem_id="selected")
-                    more_btn = gr.Button("More like this", elem_id="more-like")
 
-            with gr.Tab("Trade-offs", id="tradeoffs"):
-                with gr.Row():
-                    speed_in = gr.Radio(list(SPEED_METRICS), value="text-query latency (ms)", label="Speed")
-                    acc_in = gr.Radio(list(ACCURACY_METRICS), value="rsum", label="Accuracy")
-                plot = gr.Plot(label="Speed vs accuracy", elem_id="tradeoff-plot")
-                notes_md = gr.Markdown(elem_id="tradeoff-notes")
-                table = gr.Dataframe(label="Measured metrics (Flickr8k test split, this machine)", interactive=False,
-                                     elem_id="metrics-table", wrap=True)
-                with gr.Row():
-                    csv_btn = gr.DownloadButton("Download CSV", elem_id="csv-download")
-                    rerun_btn = gr.Button("Re-run evaluation of the active preset (minutes)", elem_id="rerun")
+# -- trade-offs -----------------------------------------------------------------------------------
 
-            with gr.Tab("Error analysis", id="errors"):
-                gr.Markdown(ANALYSIS_NOTE)
-                with gr.Row():
-                    ak_in = gr.Slider(1, 50, value=10, step=1, label="K")
-                    role_in = gr.Dropdown([], label="Fast matcher", elem_id="analysis-role")
-                    direction_in = gr.Radio(["teacher-only", "fast-only"], value="teacher-only",
-                                            label="Cases: teacher finds it, matcher does not (or the reverse)")
-                    analyse_btn = gr.Button("Analyse", variant="primary", elem_id="analyse")
-                analysis_md = gr.Markdown(elem_id="analysis-status")
-                summary_df = gr.Dataframe(label="Summary", interactive=False)
-                with gr.Row():
-                    overlap_plot = gr.Plot(label="Top-K overlap")
-                    disp_plot = gr.Plot(label="Rank displacement")
-                cases_df = gr.Dataframe(label="Cases (worst first); pick one below", interactive=False, max_height=300)
-                case_dd = gr.Dropdown([], label="Show a case", elem_id="case")
-                case_md = gr.Markdown(elem_id="case-info")
-                case_gals = []
-                with gr.Row():
-                    for i in range(slots):
-                        case_gals.append(gr.Gallery(columns=2, height=420, object_fit="cover", label=f"slot {i}", visible=False,
-                                                    elem_id=f"case-{i}-gallery"))
+def _tradeoffs_tab(page: _Page) -> None:
+    """The speed/accuracy chart over every measured result file, its table and CSV, and a re-run button."""
+    ws = page.ws
+    with gr.Row():
+        speed_in = gr.Radio(list(SPEED_METRICS), value="text-query latency (ms)", label="Speed")
+        acc_in = gr.Radio(list(ACCURACY_METRICS), value="rsum", label="Accuracy")
+    plot = gr.Plot(label="Speed vs accuracy", elem_id="tradeoff-plot")
+    notes_md = gr.Markdown(elem_id="tradeoff-notes")
+    table = gr.Dataframe(label="Measured metrics (Flickr8k test split, this machine)", interactive=False,
+                         elem_id="metrics-table", wrap=True)
+    with gr.Row():
+        csv_btn = gr.DownloadButton("Download CSV", elem_id="csv-download")
+        rerun_btn = gr.Button("Re-run evaluation of the active preset (minutes)", elem_id="rerun")
 
-            with gr.Tab("Own gallery", id="own"):
-                gr.Markdown("Upload a **zip** of images (optionally with a `captions.jsonl`: one "
-                            "`{\"image\": name, \"captions\": [...]}` per line) or give a folder on the server. "
-                            "It is indexed once with every matcher of the active preset and cached; "
-                            "the Search and Error-analysis tabs then use it.")
-                with gr.Row():
-                    zip_in = gr.File(label="Zip of images", type="filepath", elem_id="zip-upload")
-                    with gr.Column():
-                        folder_in = gr.Textbox(label="…or a folder on the server",
-                                               placeholder=str(folder_roots()[0]) if folder_roots() else "/path/to/photos")
-                        folder_btn = gr.Button("Index folder")
-                        reset_btn = gr.Button("Back to the bundled gallery")
-                own_md = gr.Markdown(elem_id="own-status")
-                skipped_df = gr.Dataframe(headers=["file", "reason"], label="Files not used", interactive=False,
-                                          elem_id="own-skipped")
+    def show_tradeoffs(speed, accuracy):
+        results = ws.results()
+        fig, tp = tradeoff_figure(results, speed, accuracy)
+        df = metrics_table(results)
+        csv = write_csv(df, page.tmp_dir / "matcher-metrics.csv")
+        notes = [f"Dotted lines: {PUBLISHED_LABEL} — {PUBLISHED_SOURCE}. They have no speed here "
+                 "(measured on other hardware), only accuracy; compare with care."]
+        notes += [f"- {n}" for n in results.notes + tp.skipped]
+        machine = results.meta.get("eval", {}).get("machine")
+        if machine:
+            notes.append(f"Measured on: {machine}")
+        return fig, "\n".join(notes), df, gr.update(value=str(csv))
 
-        # --- wiring ------------------------------------------------------------------------------
-        opts = [preset_dd, root_state, k_in, bits_in, cand_in, rerank_in]
-        col_outs = []
-        for col, header, gal in zip(result_cols, headers, galleries):
-            col_outs += [col, header, gal]
-        outs = [status_md, hits_state] + col_outs
-        search_kw = dict(concurrency_limit=4, concurrency_id="search")
-        search_btn.click(run_text, [query] + opts, outs, api_name="search_text", **search_kw)
-        query.submit(run_text, [query] + opts, outs, api_visibility="private", **search_kw)
-        if getattr(example_box, "load_input_event", None) is not None:  # clicking an example also runs it
-            example_box.load_input_event.then(run_text, [query] + opts, outs, api_visibility="private", **search_kw)
-        image_in.upload(run_image, [image_in] + opts, outs + [image_preview], api_name="search_image", **search_kw)
-        more_btn.click(run_more_like, [selected_state] + opts, outs, api_name="more_like", **search_kw)
+    def rerun(preset, root, speed, accuracy, progress=gr.Progress(track_tqdm=True)):
+        try:
+            path = ws.rerun_eval(preset, root)
+        except (ValueError, GalleryError) as exc:
+            raise gr.Error(f"Evaluation failed: {exc}")
+        gr.Info(f"Re-measured; wrote {path}")
+        return show_tradeoffs(speed, accuracy)
 
-        def select_hit(i):
-            def handler(hits, evt: gr.SelectData):
-                names = hits[i] if i < len(hits) else []
-                index = evt.index if isinstance(evt.index, int) else 0
-                if index >= len(names):
-                    return "", "Click a result to select it, then:"
-                return names[index], f"Selected **{names[index]}**; now:"
-            return handler
+    tradeoff_outs = [plot, notes_md, table, csv_btn]
+    speed_in.change(show_tradeoffs, [speed_in, acc_in], tradeoff_outs, api_visibility="private")
+    acc_in.change(show_tradeoffs, [speed_in, acc_in], tradeoff_outs, api_visibility="private")
+    page.demo.load(show_tradeoffs, [speed_in, acc_in], tradeoff_outs, api_name="tradeoffs")
+    rerun_btn.click(rerun, [page.preset, page.root, speed_in, acc_in], tradeoff_outs, api_visibility="private",
+                    concurrency_limit=1, concurrency_id="heavy")
 
-        for i, gal in enumerate(galleries):
-            gal.select(select_hit(i), [hits_state], [selected_state, selected_md], api_visibility="private")
-        preset_dd.change(change_preset, [preset_dd, root_state], [active_md, hits_state] + col_outs, api_visibility="private")
 
-        # trade-offs
-        def show_tradeoffs(speed, accuracy):
-            results = ws.results()
-            fig, tp = tradeoff_figure(results, speed, accuracy)
-            df = metrics_table(results)
-            csv = write_csv(df, tmp_dir / "matcher-metrics.csv")
-            notes = [f"Dotted lines: {PUBLISHED_LABEL} — {PUBLISHED_SOURCE}. They have no speed here "
-                     "(measured on other hardware), only accuracy; compare with care."]
-            notes += [f"- {n}" for n in results.notes + tp.skipped]
-            machine = results.meta.get("eval", {}).get("machine")
-            if machine:
-                notes.append(f"Measured on: {machine}")
-            return fig, "\n".join(notes), df, gr.update(value=str(csv))
+# -- error analysis -------------------------------------------------------------------------------
 
-        tradeoff_outs = [plot, notes_md, table, csv_btn]
-        speed_in.change(show_tradeoffs, [speed_in, acc_in], tradeoff_outs, api_visibility="private")
-        acc_in.change(show_tradeoffs, [speed_in, acc_in], tradeoff_outs, api_visibility="private")
-        demo.load(show_tradeoffs, [speed_in, acc_in], tradeoff_outs, api_name="tradeoffs")
+def _analysis_tab(page: _Page) -> None:
+    """Queries where a fast matcher and the teacher disagree: summary, plots, cases, one case side by side."""
+    ws, slots = page.ws, page.slots
+    gr.Markdown(ANALYSIS_NOTE)
+    with gr.Row():
+        ak_in = gr.Slider(1, 50, value=10, step=1, label="K")
+        role_in = gr.Dropdown([], label="Fast matcher", elem_id="analysis-role")
+        direction_in = gr.Radio(["teacher-only", "fast-only"], value="teacher-only",
+                                label="Cases: teacher finds it, matcher does not (or the reverse)")
+        analyse_btn = gr.Button("Analyse", variant="primary", elem_id="analyse")
+    analysis_md = gr.Markdown(elem_id="analysis-status")
+    summary_df = gr.Dataframe(label="Summary", interactive=False)
+    with gr.Row():
+        overlap_plot = gr.Plot(label="Top-K overlap")
+        disp_plot = gr.Plot(label="Rank displacement")
+    cases_df = gr.Dataframe(label="Cases (worst first); pick one below", interactive=False, max_height=300)
+    case_dd = gr.Dropdown([], label="Show a case", elem_id="case")
+    case_md = gr.Markdown(elem_id="case-info")
+    case_gals = []
+    with gr.Row():
+        for i in range(slots):
+            case_gals.append(gr.Gallery(columns=2, height=420, object_fit="cover", label=f"slot {i}", visible=False,
+                                        elem_id=f"case-{i}-gallery"))
+    _, bits_in, cand_in, rerank_in = page.search_inputs
 
-        def rerun(preset, root, speed, accuracy, progress=gr.Progress(track_tqdm=True)):
-            try:
-                path = ws.rerun_eval(preset, root)
-            except (ValueError, GalleryError) as exc:
-                raise gr.Error(f"Evaluation failed: {exc}")
-            gr.Info(f"Re-measured; wrote {path}")
-            return show_tradeoffs(speed, accuracy)
+    def analysis_roles(preset):
+        roles = [r for r in ws.active(preset).roles if r != "teacher"]
+        return gr.update(choices=roles, value=roles[0] if roles else None)
 
-        rerun_btn.click(rerun, [preset_dd, root_state, speed_in, acc_in], tradeoff_outs, api_visibility="private",
-                        concurrency_limit=1, concurrency_id="heavy")
+    def run_analysis(preset, root, k, role, direction, bits, candidates, rerank, progress=gr.Progress(track_tqdm=True)):
+        hidden = [gr.update(visible=False, value=[]) for _ in range(slots)]
+        try:
+            result = ws.analysis(preset, root, int(k), _search_options(k, bits, candidates, rerank))
+        except (ValueError, GalleryError) as exc:
+            return [f"⚠️ {exc}", None, None, None, None, gr.update(choices=[], value=None)] + hidden
+        if not result.fast_roles:
+            return (["The active preset has only one matcher; nothing to compare with the teacher yet.", result.summary(),
+                     None, None, None, gr.update(choices=[], value=None)] + hidden)
+        role = role if role in result.fast_roles else result.fast_roles[0]
+        cases = result.cases(role, direction)
+        shown = cases.head(50)
+        choices = [(f"{c} (teacher rank {int(rt) + 1}, {role} rank {int(rr) + 1})", int(i))
+                   for i, c, rt, rr in zip(shown.index, shown["caption"], shown[f"rank_{result.reference}"], shown[f"rank_{role}"])]
+        msg = (f"{len(result.per_query)} caption queries, K = {result.k}: {len(cases)} {direction} cases for **{role}**. "
+               "Ranks are 1-based.")
+        table = shown[["caption", "image", f"rank_{result.reference}", f"rank_{role}", f"overlap_{role}"]].copy()
+        table[[f"rank_{result.reference}", f"rank_{role}"]] += 1
+        return ([msg, result.summary(), result.overlap_figure(), result.displacement_figure(), table,
+                 gr.update(choices=choices, value=choices[0][1] if choices else None)] + hidden)
 
-        # error analysis
-        def analysis_roles(preset):
-            roles = [r for r in ws.active(preset).roles if r != "teacher"]
-            return gr.update(choices=roles, value=roles[0] if roles else None)
+    def show_case(preset, root, k, index, bits, candidates, rerank):
+        if index is None:
+            return [""] + [gr.update(visible=False) for _ in range(slots)]
+        result = ws.analysis(preset, root, int(k), _search_options(k, bits, candidates, rerank))
+        index = int(index)
+        caption, owner = result.texts[index], result.owners[index]
+        mset = ws.matchers(preset, root)
+        out = [f"**Query:** {caption}  \n**Right image:** {owner} (✓ where it appears)"]
+        roles = list(result.rankings)
+        for i in range(slots):
+            if i < len(roles):
+                role = roles[i]
+                rank = int(result.rankings[role].gt_rank[index])
+                items = [(str(mset.gallery.path(n)), f"#{r} " + ("✓" if n == owner else "")) for r, n in
+                         enumerate(result.topk(role, index), 1)]
+                label = f"{role}: right image at rank {rank + 1}" if rank < result.rankings[role].cap else f"{role}: right image not in top {result.rankings[role].cap}"
+                out.append(gr.update(visible=True, value=items, label=label))
+            else:
+                out.append(gr.update(visible=False))
+        return out
 
-        def run_analysis(preset, root, k, role, direction, bits, candidates, rerank, progress=gr.Progress(track_tqdm=True)):
-            hidden = [gr.update(visible=False, value=[]) for _ in range(slots)]
-            try:
-                result = ws.analysis(preset, root, int(k), SearchOptions(k=int(k), bits=int(bits), candidates=int(candidates),
-                                                                         rerank=bool(rerank)))
-            except (ValueError, GalleryError) as exc:
-                return [f"⚠️ {exc}", None, None, None, None, gr.update(choices=[], value=None)] + hidden
-            if not result.fast_roles:
-                return (["The active preset has only one matcher; nothing to compare with the teacher yet.", result.summary(),
-                         None, None, None, gr.update(choices=[], value=None)] + hidden)
-            role = role if role in result.fast_roles else result.fast_roles[0]
-            cases = result.cases(role, direction)
-            shown = cases.head(50)
-            choices = [(f"{c} (teacher rank {int(rt) + 1}, {role} rank {int(rr) + 1})", int(i))
-                       for i, c, rt, rr in zip(shown.index, shown["caption"], shown[f"rank_{result.reference}"], shown[f"rank_{role}"])]
-            msg = (f"{len(result.per_query)} caption queries, K = {result.k}: {len(cases)} {direction} cases for **{role}**. "
-                   "Ranks are 1-based.")
-            table = shown[["caption", "image", f"rank_{result.reference}", f"rank_{role}", f"overlap_{role}"]].copy()
-            table[[f"rank_{result.reference}", f"rank_{role}"]] += 1
-            return ([msg, result.summary(), result.overlap_figure(), result.displacement_figure(), table,
-                     gr.update(choices=choices, value=choices[0][1] if choices else None)] + hidden)
-
-        def show_case(preset, root, k, index, bits, candidates, rerank):
-            if index is None:
-                return [""] + [gr.update(visible=False) for _ in range(slots)]
-            result = ws.analysis(preset, root, int(k), SearchOptions(k=int(k), bits=int(bits), candidates=int(candidates),
-                                                                     rerank=bool(rerank)))
-            index = int(index)
-            caption, owner = result.texts[index], result.owners[index]
-            mset = ws.matchers(preset, root)
-            out = [f"**Query:** {caption}  \n**Right image:** {owner} (✓ where it appears)"]
-            roles = list(result.rankings)
-            for i in range(slots):
-                if i < len(roles):
-                    role = roles[i]
-                    rank = int(result.rankings[role].gt_rank[index])
-                    items = [(str(mset.gallery.path(n)), f"#{r} " + ("✓" if n == owner else "")) for r, n in
-                             enumerate(result.topk(role, index), 1)]
-                    label = f"{role}: right image at rank {rank + 1}" if rank < result.rankings[role].cap else f"{role}: right image not in top {result.rankings[role].cap}"
-                    out.append(gr.update(visible=True, value=items, label=label))
-                else:
-                    out.append(gr.update(visible=False))
-            return out
-
-        preset_dd.change(analysis_roles, [preset_dd], [role_in], api_visibility="private")
-        demo.load(analysis_roles, [preset_dd], [role_in], api_visibility="private")
-        analysis_inputs = [preset_dd, root_state, ak_in, role_in, direction_in, bits_in, cand_in, rerank_in]
-        analysis_outs = [analysis_md, summary_df, overlap_plot, disp_plot, cases_df, case_dd] + case_gals
-        analyse_btn.click(run_analysis, analysis_inputs, analysis_outs, api_name="analyse", concurrency_limit=1,
-                          concurrency_id="heavy")
-        case_dd.change(show_case, [preset_dd, root_state, ak_in, case_dd, bits_in, cand_in, rerank_in], [case_md] + case_gals,
-                       api_visibility="private")
-
-        # own gallery
-        def index_gallery(root: Path, preset, current, skipped, progress) -> list:
-            try:
-                gallery = ws.gallery(str(root))
-            except GalleryError as exc:
-                return [current, f"⚠️ {exc}", [list(s) for s in skipped], gr.update()]
-            mset = ws.matchers(preset, str(root))
-            status = mset.warm()
-            problems = [f"{role}: {err}" for role, err in status.items() if err]
-            embedded = [mset.matcher(r).embeddings for r in mset.roles if not status.get(r) and hasattr(mset.matcher(r), "embeddings")]
-            bad = list(skipped) + (list(embedded[0].skipped) if embedded else list(gallery.problems))
-            captions = sum(len(gallery.captions.get(n, [])) for n in gallery.names)
-            msg = (f"Indexed **{len(gallery)} images** ({captions} captions) from `{root}` with "
-                   f"{', '.join(mset.roles)}. {len(bad)} file(s) not used." + ("".join(f"\n\n⚠️ {p}" for p in problems)))
-            info = _gallery_label(str(root), len(gallery))
-            return [str(root), msg, [list(s) for s in bad], info]
-
-        def upload_zip(path, preset, root, progress=gr.Progress(track_tqdm=True)):
-            if not path:
-                return [root, "", [], gr.update()]
-            try:
-                extracted = extract_zip(path)
-            except UploadError as exc:
-                return [root, f"⚠️ {exc}", [], gr.update()]
-            return index_gallery(extracted.root, preset, root, extracted.skipped, progress)
-
-        def use_folder(folder, preset, root, progress=gr.Progress(track_tqdm=True)):
-            try:
-                path = check_folder(folder)
-            except UploadError as exc:
-                return [root, f"⚠️ {exc}", [], gr.update()]
-            if str(path) not in demo.allowed_paths:
-                demo.allowed_paths.append(str(path))  # so the result images can be served
-            return index_gallery(path, preset, root, [], progress)
-
-        def reset_gallery():
-            return [ws.default_gallery, "Back to the bundled gallery.", [],
-                    _gallery_label(ws.default_gallery, len(ws.gallery()))]
-
-        own_outs = [root_state, own_md, skipped_df, gallery_md]
-        zip_in.upload(upload_zip, [zip_in, preset_dd, root_state], own_outs, api_name="upload_zip", concurrency_limit=1,
+    page.preset.change(analysis_roles, [page.preset], [role_in], api_visibility="private")
+    page.demo.load(analysis_roles, [page.preset], [role_in], api_visibility="private")
+    analysis_inputs = [page.preset, page.root, ak_in, role_in, direction_in, bits_in, cand_in, rerank_in]
+    analysis_outs = [analysis_md, summary_df, overlap_plot, disp_plot, cases_df, case_dd] + case_gals
+    analyse_btn.click(run_analysis, analysis_inputs, analysis_outs, api_name="analyse", concurrency_limit=1,
                       concurrency_id="heavy")
-        folder_btn.click(use_folder, [folder_in, preset_dd, root_state], own_outs, api_name="use_folder",
-                         concurrency_limit=1, concurrency_id="heavy")
-        reset_btn.click(reset_gallery, None, own_outs, api_visibility="private")
-    demo.workspace = ws  # for tests and the launcher
-    return demo
+    case_dd.change(show_case, [page.preset, page.root, ak_in, case_dd, bits_in, cand_in, rerank_in], [case_md] + case_gals,
+                   api_visibility="private")
+
+
+# -- own gallery ----------------------------------------------------------------------------------
+
+def _own_gallery_tab(page: _Page) -> None:
+    """Index an uploaded zip or a server folder with every matcher of the preset; report unusable files."""
+    ws, demo = page.ws, page.demo
+    gr.Markdown("Upload a **zip** of images (optionally with a `captions.jsonl`: one "
+                "`{\"image\": name, \"captions\": [...]}` per line) or give a folder on the server. "
+                "It is indexed once with every matcher of the active preset and cached; "
+                "the Search and Error-analysis tabs then use it.")
+    with gr.Row():
+        zip_in = gr.File(label="Zip of images", type="filepath", elem_id="zip-upload")
+        with gr.Column():
+            folder_in = gr.Textbox(label="…or a folder on the server",
+                                   placeholder=str(folder_roots()[0]) if folder_roots() else "/path/to/photos")
+            folder_btn = gr.Button("Index folder")
+            reset_btn = gr.Button("Back to the bundled gallery")
+    own_md = gr.Markdown(elem_id="own-status")
+    skipped_df = gr.Dataframe(headers=["file", "reason"], label="Files not used", interactive=False,
+                              elem_id="own-skipped")
+
+    def index_gallery(root: Path, preset, current, skipped, progress) -> list:
+        try:
+            gallery = ws.gallery(str(root))
+        except GalleryError as exc:
+            return [current, f"⚠️ {exc}", [list(s) for s in skipped], gr.update()]
+        mset = ws.matchers(preset, str(root))
+        status = mset.warm()
+        problems = [f"{role}: {err}" for role, err in status.items() if err]
+        embedded = [mset.matcher(r).embeddings for r in mset.roles if not status.get(r) and hasattr(mset.matcher(r), "embeddings")]
+        bad = list(skipped) + (list(embedded[0].skipped) if embedded else list(gallery.problems))
+        captions = sum(len(gallery.captions.get(n, [])) for n in gallery.names)
+        msg = (f"Indexed **{len(gallery)} images** ({captions} captions) from `{root}` with "
+               f"{', '.join(mset.roles)}. {len(bad)} file(s) not used." + ("".join(f"\n\n⚠️ {p}" for p in problems)))
+        info = _gallery_label(str(root), len(gallery))
+        return [str(root), msg, [list(s) for s in bad], info]
+
+    def upload_zip(path, preset, root, progress=gr.Progress(track_tqdm=True)):
+        if not path:
+            return [root, "", [], gr.update()]
+        try:
+            extracted = extract_zip(path)
+        except UploadError as exc:
+            return [root, f"⚠️ {exc}", [], gr.update()]
+        return index_gallery(extracted.root, preset, root, extracted.skipped, progress)
+
+    def use_folder(folder, preset, root, progress=gr.Progress(track_tqdm=True)):
+        try:
+            path = check_folder(folder)
+        except UploadError as exc:
+            return [root, f"⚠️ {exc}", [], gr.update()]
+        if str(path) not in demo.allowed_paths:
+            demo.allowed_paths.append(str(path))  # so the result images can be served
+        return index_gallery(path, preset, root, [], progress)
+
+    def reset_gallery():
+        return [ws.default_gallery, "Back to the bundled gallery.", [],
+                _gallery_label(ws.default_gallery, len(ws.gallery()))]
+
+    own_outs = [page.root, own_md, skipped_df, page.gallery_md]
+    zip_in.upload(upload_zip, [zip_in, page.preset, page.root], own_outs, api_name="upload_zip", concurrency_limit=1,
+                  concurrency_id="heavy")
+    folder_btn.click(use_folder, [folder_in, page.preset, page.root], own_outs, api_name="use_folder",
+                     concurrency_limit=1, concurrency_id="heavy")
+    reset_btn.click(reset_gallery, None, own_outs, api_visibility="private")
 
 
 def launch_kwargs(ws: Workspace) -> dict:
