@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matcher.atomic import write_json  # noqa: E402
 from matcher.cli import DEFAULT_DATA  # noqa: E402
 from matcher.evaluate import machine_description  # noqa: E402
+from matcher.losses import ContrastiveLoss, ListNetLoss  # noqa: E402
 from matcher.metrics import retrieval_metrics  # noqa: E402
 from matcher.towers import EfficientNetLiteTower, image_transform  # noqa: E402
 from matcher.train.features import Flickr8k  # noqa: E402
@@ -65,7 +66,7 @@ def probe(features: dict[str, torch.Tensor], targets: dict[str, np.ndarray], epo
     n, batch = len(features["train"]), 256
     steps = epochs * 5 * (n // batch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps)
-    labels = torch.arange(batch)
+    contrastive, listnet = ContrastiveLoss(), ListNetLoss()  # the student's own losses (matcher.losses)
     head.train()
     for _ in range(epochs * 5):  # 5 passes per epoch, a fresh random caption each
         order = rng.permutation(n)
@@ -75,10 +76,7 @@ def probe(features: dict[str, torch.Tensor], targets: dict[str, np.ndarray], epo
             img = F.normalize(head(features["train"][rows, views]), dim=-1)
             txt, teacher_img = t_txt[captions], t_img[rows, views]
             logits, teacher_logits = log_scale.exp() * img @ txt.T, t_scale * teacher_img @ txt.T
-            loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-            for s, t in ((logits, teacher_logits), (logits.T, teacher_logits.T)):
-                loss = loss - (F.softmax(t, 1) * F.log_softmax(s, 1)).sum(1).mean()
-            loss = loss + (1 - (img * teacher_img).sum(-1)).mean()
+            loss = contrastive(logits) + listnet(logits, teacher_logits) + (1 - (img * teacher_img).sum(-1)).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -60,7 +60,7 @@ class TowerEncoder(Encoder):
         self.name, self.module, self.config = name, module.eval(), config
         self.preprocess = image_transform(module.image_tower.image_size)
         # EfficientNet's depthwise convolutions run faster on CPU in channels-last layout (the
-        # teacher's `eval` image throughput: 28.8 -> 48.3 images/s). Both teacher and student get it, so speed
+        # teacher's `eval` image throughput: 28.8 -> 48-80 images/s). Both teacher and student get it, so speed
         # ratios compare two equally optimised models.
         module.image_tower.to(memory_format=torch.channels_last)
 

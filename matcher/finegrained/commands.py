@@ -108,12 +108,18 @@ def _recipe_flags(p: argparse.ArgumentParser, recipe_cls) -> None:
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
 
 
+def _parser(sub, name: str, default_data: str, help: str) -> argparse.ArgumentParser:
+    """A fine-tier command: every one reads the Flickr8k folder and the teacher checkpoint."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    return p
+
+
 def add_commands(sub, default_data: str) -> None:
     from matcher.finegrained.train import FineRecipe
 
-    p = sub.add_parser("train-fine", help="train a fine-grained tier (alignment re-ranker or code late interaction)")
-    p.add_argument("--data", default=default_data)
-    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p = _parser(sub, "train-fine", default_data, help="train a fine-grained tier (alignment re-ranker or code late interaction)")
     p.add_argument("--out", required=True, help="e.g. assets/models/fine/alignment.pt (+ .train.json)")
     p.add_argument("--distill-from", dest="distill_from", help="a trained (larger) fine scorer to distil from")
     p.add_argument("--threads", type=int, default=1)
@@ -122,18 +128,14 @@ def add_commands(sub, default_data: str) -> None:
 
     from matcher.finegrained.cross_train import CrossRecipe
 
-    p = sub.add_parser("train-cross", help="train the cross-encoder (dual hard negatives) and its decomposition")
-    p.add_argument("--data", default=default_data)
-    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p = _parser(sub, "train-cross", default_data, help="train the cross-encoder (dual hard negatives) and its decomposition")
     p.add_argument("--out-dir", dest="out_dir", default="assets/models/fine")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--decompose", action="store_true", help="also train the decomposition from the cross-encoder")
     _recipe_flags(p, CrossRecipe)
     p.set_defaults(func=cmd_train_cross)
 
-    p = sub.add_parser("eval-fine", help="val/test recall and costs of every fine tier vs the dual teacher")
-    p.add_argument("--data", default=default_data)
-    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p = _parser(sub, "eval-fine", default_data, help="val/test recall and costs of every fine tier vs the dual teacher")
     p.add_argument("--models", default="assets/models/fine", help="folder of trained fine scorers")
     p.add_argument("--candidates", default="20,50", help="re-ranking shortlist sizes C")
     p.add_argument("--results", default="assets/results/finegrained", help="writes .json and .csv")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matcher.towers import masked_mean
+
 
 class _Tokens(nn.Module):
     """Frozen teacher heads -> width, plus type (image/text) and position embeddings, and [CLS]."""
@@ -92,9 +94,7 @@ class CrossEncoder(nn.Module):
         x = torch.cat([self.tokens.embed_image(img), self.tokens.embed_text(txt)], 1)
         score = self.out(self.run(x, pad)).squeeze(-1)
         if self.residual_scale:  # the dual teacher's cosine: mean pooling commutes with its heads
-            m = mask.unsqueeze(-1).to(txt.dtype)
-            pooled_txt = (txt * m).sum(1) / m.sum(1).clamp(min=1.0)
-            score = score + self.residual_scale * F.cosine_similarity(img.mean(1), pooled_txt, dim=-1)
+            score = score + self.residual_scale * F.cosine_similarity(img.mean(1), masked_mean(txt, mask), dim=-1)
         return score
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from matcher.atomic import atomic_path
 from matcher.dual_encoder import load_checkpoint
 from matcher.paths import cache_dir
+from matcher.towers import masked_mean
 from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
 from matcher.train.student import DEFAULT_TEACHER, _file_digest
@@ -117,12 +118,11 @@ def _copy_linear(layer: torch.nn.Linear) -> torch.nn.Linear:
     return out
 
 
-def dual_similarity(split: FineSplit, image_head: torch.nn.Linear, text_head: torch.nn.Linear,
-                    batch_size: int = 500) -> np.ndarray:
-    """The dual-encoder teacher's [captions, images] cosine matrix, rebuilt from the unpooled features.
+def dual_embeddings(split: FineSplit, image_head: torch.nn.Linear, text_head: torch.nn.Linear,
+                    batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dual-encoder teacher's unit image [N, D] and caption [5N, D] embeddings, from the unpooled features.
 
-    Mean pooling commutes with the linear heads, so this equals the teacher's own scores; it is
-    the first stage that every re-ranking tier starts from.
+    Mean pooling commutes with the linear heads, so these equal the teacher's own embeddings.
     """
     with torch.inference_mode():
         img = torch.cat([image_head(split.region_batch(np.arange(s, min(s + batch_size, len(split)))).mean(1))
@@ -130,7 +130,12 @@ def dual_similarity(split: FineSplit, image_head: torch.nn.Linear, text_head: to
         txt = []
         for s in range(0, split.n_captions, batch_size):
             states, mask = split.token_batch(np.arange(s, min(s + batch_size, split.n_captions)))
-            m = mask.unsqueeze(-1).float()
-            txt.append(text_head((states * m).sum(1) / m.sum(1)))
-        txt = torch.cat(txt)
-    return (F.normalize(txt, dim=-1) @ F.normalize(img, dim=-1).T).numpy()
+            txt.append(text_head(masked_mean(states, mask)))
+    return F.normalize(img, dim=-1), F.normalize(torch.cat(txt), dim=-1)
+
+
+def dual_similarity(split: FineSplit, image_head: torch.nn.Linear, text_head: torch.nn.Linear,
+                    batch_size: int = 500) -> np.ndarray:
+    """The dual teacher's [captions, images] cosine matrix: the first stage every re-ranking tier starts from."""
+    img, txt = dual_embeddings(split, image_head, text_head, batch_size)
+    return (txt @ img.T).numpy()

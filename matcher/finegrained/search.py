@@ -28,6 +28,7 @@ from tqdm import tqdm
 from matcher.cache import ArrayCache
 from matcher.gallery import Gallery
 from matcher.images import load_rgb
+from matcher.towers import masked_mean
 from matcher.search import Hit, Matcher, SearchOptions, SearchResult, check_k, check_text_query
 
 DEFAULT_CANDIDATES = 50
@@ -84,9 +85,7 @@ class FineRerankMatcher:
         tokens = tower.tokenize([text])
         mask = tokens["attention_mask"]
         states = tower.forward_top_tokens(tower.forward_trunk(tokens["input_ids"], mask), mask)
-        m = mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1.0)
-        query = torch.nn.functional.normalize(self.module.text_head(pooled), dim=-1)[0].numpy()
+        query = torch.nn.functional.normalize(self.module.text_head(masked_mean(states, mask)), dim=-1)[0].numpy()
         return query, self.scorer.encode_text(states, mask.bool()), mask.bool()
 
     def search_text(self, text: str, options: SearchOptions = SearchOptions()) -> SearchResult:
