@@ -62,7 +62,9 @@ class TowerEncoder(Encoder):
         # EfficientNet's depthwise convolutions run faster on CPU in channels-last layout (the
         # teacher's `eval` image throughput: 28.8 -> 48-80 images/s). Both teacher and student get it, so speed
         # ratios compare two equally optimised models.
-        module.image_tower.to(memory_format=torch.channels_last)
+        # BatchNorm is folded into the convolutions for the same reason (fold_batchnorm); an
+        # encoder is for inference only, training builds its own DualEncoderModule.
+        module.image_tower.fold_batchnorm().to(memory_format=torch.channels_last)
 
     def _image_forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.image_embed(pixels.contiguous(memory_format=torch.channels_last))

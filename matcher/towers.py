@@ -91,6 +91,7 @@ class EfficientNetLiteTower(nn.Module):
         self.blocks = net._blocks
         self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
         self.split = len(self.blocks) - trainable_blocks
+        self.folded = False  # see fold_batchnorm
         self.requires_grad_(False)
         for module in self.top_modules():
             module.requires_grad_(True)
@@ -119,6 +120,39 @@ class EfficientNetLiteTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_top(self.forward_trunk(x))
+
+    def fold_batchnorm(self) -> "EfficientNetLiteTower":
+        """Fold every BatchNorm into the convolution before it, for inference only.
+
+        Why: at inference a BN is a per-channel affine map, so it can live in the conv's weight and
+        bias; eager PyTorch otherwise runs it as a separate pass over the activation map. That pass
+        is pure overhead, proportionally larger for small inputs, so both teacher and student get it
+        (``TowerEncoder``) and the speed ratio compares two equally optimised models. The result
+        equals the unfolded tower up to float rounding; training must not continue on a folded tower
+        (its BN statistics are gone), hence the ``folded`` flag.
+        """
+        if self.folded:
+            return self
+        pairs = [(self.stem[0], self.stem, 1), (self.head[0], self.head, 1)]
+        for block in self.blocks:
+            if block._block_args.expand_ratio != 1:
+                pairs.append((block._expand_conv, block, "_bn0"))
+            pairs += [(block._depthwise_conv, block, "_bn1"), (block._project_conv, block, "_bn2")]
+        with torch.no_grad():
+            for conv, owner, slot in pairs:
+                bn = owner[slot] if isinstance(slot, int) else getattr(owner, slot)
+                if isinstance(bn, nn.Identity):
+                    continue
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+                if isinstance(slot, int):
+                    owner[slot] = nn.Identity()
+                else:
+                    setattr(owner, slot, nn.Identity())
+        self.folded = True
+        return self
 
 
 def masked_mean(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,30 @@ def test_checkpoint_round_trip_is_small_and_exact(student, tmp_path):
     ref_txt = torch.nn.functional.normalize(module.text_embed(CAPTIONS), dim=-1).detach().numpy()
     assert np.allclose(restored.encode_texts(CAPTIONS), ref_txt, atol=2e-3)  # float16 storage
     images = [Image.new("RGB", (80, 60), (200, 30, 30)), Image.new("RGB", (64, 64), (10, 10, 240))]
-    assert restored.encode_images(images).shape == (2, 256)
+    pixels = torch.stack([restored.preprocess(im) for im in images])
+    ref_img = torch.nn.functional.normalize(module.image_embed(pixels), dim=-1).detach().numpy()
+    assert np.allclose(restored.encode_images(images), ref_img, atol=2e-3)  # BN-folded encoder, same output
     assert torch.equal(restored.module.text_tower.embed.id_map, module.text_tower.embed.id_map)
     assert path.stat().st_size < 3e6
+
+
+def test_fold_batchnorm_keeps_the_output_and_removes_every_bn():
+    from matcher.towers import EfficientNetLiteTower
+
+    torch.manual_seed(0)
+    tower = EfficientNetLiteTower("efficientnet-lite0", 96, trainable_blocks=2).eval()
+    with torch.no_grad():  # BN statistics unlike ImageNet's, so folding must really use them
+        for m in tower.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(torch.randn_like(m.running_mean) * 0.05)
+                m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.8, 1.25))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        before = tower(x)
+        after = tower.fold_batchnorm()(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules())
+    assert before.abs().max() > 0.1 and torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+    assert tower.fold_batchnorm() is tower  # a second call changes nothing
 
 
 def test_parse_variant_and_ratios():
