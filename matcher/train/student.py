@@ -28,6 +28,7 @@ from tqdm import tqdm
 from matcher.atomic import atomic_path
 from matcher.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
 from matcher.losses import DistillationObjective
+from matcher.metrics import retrieval_metrics
 from matcher.paths import cache_dir
 from matcher.student_towers import caption_vocabulary, init_from_minilm
 from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
@@ -70,6 +71,10 @@ class StudentRecipe:
     # "dual": the teacher matrix is t_img @ t_txt.T (default); otherwise the path of a trained
     # alignment scorer (matcher.finegrained) whose per-batch alignment scores are distilled instead.
     teacher_scores: str = "dual"
+    # Diagnostic only (bench/student_sides.py): "text" or "image" replaces that student tower by the
+    # teacher's fixed embeddings, so the other tower is trained and scored against the teacher's. It
+    # measures how far each student tower alone falls short; the checkpoint is then half a model.
+    teacher_side: str = "none"
 
     def model_config(self, vocab_size: int, finetune: bool = True) -> dict:
         return {
@@ -149,12 +154,35 @@ def _step_embeddings(module: DualEncoderModule, split: CachedSplit, rows, views,
     return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 
+def _with_teacher_side(side: str, img: torch.Tensor, txt: torch.Tensor,
+                       t_img: torch.Tensor, t_txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swap in the teacher's embeddings for the side named by ``StudentRecipe.teacher_side``."""
+    if side == "text":
+        return img, t_txt
+    if side == "image":
+        return t_img, txt
+    return img, txt
+
+
+def _val_metrics(module: DualEncoderModule, val: CachedSplit, side: str, targets: dict | None) -> dict:
+    if side == "none":
+        return cached_metrics(module, val)
+    images, texts = embed_split(module, val)
+    t_img = torch.from_numpy(targets["val_images"][:, 0].astype(np.float32))
+    t_txt = torch.from_numpy(targets["val_texts"].astype(np.float32))
+    images, texts = _with_teacher_side(side, images[:, 0], texts, t_img, t_txt)
+    return retrieval_metrics((texts @ images.T).numpy(), np.repeat(np.arange(len(val)), val.captions_per_image))
+
+
 def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe, progress: bool = True) -> dict:
     """Train, keep the best epoch on val, save the checkpoint; returns the training history."""
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     data = Flickr8k.load(data_root)
-    needs_teacher = recipe.loss != "contrastive" or recipe.embed_weight > 0
+    if recipe.teacher_side not in ("none", "text", "image"):
+        raise ValueError(f"teacher_side must be none, text or image, not {recipe.teacher_side!r}")
+    needs_teacher = recipe.loss != "contrastive" or recipe.embed_weight > 0 or recipe.teacher_side != "none"
+    targets = None
     if needs_teacher:
         targets = teacher_targets(data, recipe.teacher)
         t_images = torch.from_numpy(targets["train_images"].astype(np.float32))
@@ -200,6 +228,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
             if needs_teacher:
                 t_img = t_images[torch.from_numpy(rows), torch.from_numpy(views)]
                 t_txt = t_texts[torch.from_numpy(captions)]
+                img, txt = _with_teacher_side(recipe.teacher_side, img, txt, t_img, t_txt)
                 sim_t = t_img @ t_txt.T if fine is None else fine.batch(rows, captions)
                 loss, parts = objective(img @ txt.T, sim_t, scale, teacher_scale)
             else:
@@ -215,7 +244,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
             scheduler.step()
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / steps_per_epoch
-        metrics = cached_metrics(module, val)
+        metrics = _val_metrics(module, val, recipe.teacher_side, targets)
         entry = {"epoch": epoch, "loss": totals, "val_rsum": metrics["rsum"], "val": metrics,
                  "temperature": float(1 / module.logit_scale.exp()), "seconds": time.time() - started}
         history.append(entry)
