@@ -93,11 +93,11 @@ def format_table(matchers: dict[str, dict]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from matcher.atomic import write_json
-    from matcher.evaluate import evaluate_matcher, machine_description
+    from matcher.evaluate import SPEED_PROBE_NOTE, evaluate_matchers, machine_description
 
     gallery = _open(args.gallery, args.split)
     report = {"gallery": str(args.gallery), "split": args.split, "preset": args.preset,
-              "machine": machine_description(), "matchers": {}}
+              "machine": machine_description(), "speed_probe": SPEED_PROBE_NOTE, "matchers": {}}
     from matcher.hashing.commands import add_hashed_entries, is_hashed
     from matcher.models import registered_models
 
@@ -106,9 +106,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for role in fine:  # its recall needs the region-word scorer over every query: eval-fine measures it
         print(f"{role}: not measured here; `python -m matcher eval-fine` writes assets/results/finegrained.json")
         roles.pop(role)
-    for role, spec in roles.items():
-        if not is_hashed(spec):
-            report["matchers"][role], _ = evaluate_matcher(spec, gallery)
+    floats = {role: spec for role, spec in roles.items() if not is_hashed(spec)}
+    entries = evaluate_matchers(list(floats.values()), gallery)
+    for role, spec in floats.items():
+        report["matchers"][role] = dict(entries[spec])
     for role, spec in roles.items():
         if is_hashed(spec):  # after the float matchers: reuses its base encoder's entry
             add_hashed_entries(report, role, spec, gallery)

@@ -1,8 +1,9 @@
 """Evaluate matchers on a gallery split: recall (standard protocol) plus cost measurements.
 
-Recall uses the cached gallery embeddings. Costs (params, size, text-query latency, image
-throughput, peak memory) are measured in a fresh child process per matcher so that one model's
-memory never shows up in another's numbers.
+Recall uses the cached gallery embeddings. Footprint (params, size, peak memory) is measured in a
+fresh child process per matcher so that one model's memory never shows up in another's numbers;
+speeds (text-query latency, image throughput) of all evaluated matchers in one child process with
+their rounds interleaved, so that speed ratios compare models under the same load.
 """
 from __future__ import annotations
 
@@ -29,46 +30,72 @@ PROBE_QUERIES = [
 
 
 @dataclass
-class CostProbe:
-    """What the child process measures for one matcher."""
+class Footprint:
+    """What a matcher costs to hold: measured in its own child process so that one model's memory
+    never shows up in another's numbers."""
 
     params: int
     size_mb: float
-    text_query_ms: float
-    images_per_s: float
     peak_rss_mb: float
 
 
-def measure_costs(spec: str, image_paths: list[str], repeats: int = 30, threads: int | None = None,
-                  image_passes: int = 5) -> CostProbe:
-    """Single text query latency (p50 of ``repeats``, batch 1) and image throughput (batch 8, incl.
-    preprocessing; median of ``image_passes`` passes over the probe images)."""
+@dataclass
+class Speed:
+    """Text-query latency (batch 1, incl. tokenisation) and image throughput (batch 8, incl.
+    preprocessing): medians over rounds, with the spread of the per-round values."""
+
+    text_query_ms: float
+    images_per_s: float
+    text_query_ms_range: tuple[float, float]
+    images_per_s_range: tuple[float, float]
+
+
+def measure_footprint(spec: str, image_paths: list[str]) -> Footprint:
+    encoder = cached_encoder(spec)
+    encoder.encode_texts(PROBE_QUERIES[:1])
+    encoder.encode_images([load_rgb(p) for p in image_paths[:8]], batch_size=8)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return Footprint(encoder.num_params(), encoder.size_mb(), peak_kb / 1024)
+
+
+def measure_speeds(specs: list[str], image_paths: list[str], rounds: int = 5, queries: int = 10,
+                   threads: int | None = None) -> dict[str, Speed]:
+    """Time every matcher in one process, rounds interleaved (A, B, C, A, B, C, ...).
+
+    Why one process and interleaving: on a shared VM the load drifts by up to ~2x within minutes;
+    timing each model in its own process, minutes apart, made the teacher/student ratio swing
+    (3.9x to 10x for the same two models). Interleaved rounds expose every matcher to the same load,
+    so the *ratios* are stable even when absolute numbers are not.
+    """
     if threads:
         torch.set_num_threads(threads)
-    encoder = cached_encoder(spec)
-    for q in PROBE_QUERIES[:3]:  # warm-up
-        encoder.encode_texts([q])
-    latencies = []
-    for i in range(repeats):
-        started = time.perf_counter()
-        encoder.encode_texts([PROBE_QUERIES[i % len(PROBE_QUERIES)]])
-        latencies.append((time.perf_counter() - started) * 1000)
+    encoders = {spec: cached_encoder(spec) for spec in specs}
     images = [load_rgb(p) for p in image_paths]
-    encoder.encode_images(images[:8], batch_size=8)  # warm-up
-    rates = []
-    for _ in range(image_passes):  # one pass is ~1 s for the teacher: too short to be stable on a shared VM
-        started = time.perf_counter()
-        encoder.encode_images(images, batch_size=8)
-        rates.append(len(images) / (time.perf_counter() - started))
-    throughput = float(np.median(rates))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return CostProbe(encoder.num_params(), encoder.size_mb(), float(np.median(latencies)), throughput, peak_kb / 1024)
+    for encoder in encoders.values():  # warm-up
+        encoder.encode_texts(PROBE_QUERIES[:3])
+        encoder.encode_images(images[:8], batch_size=8)
+    text_ms: dict[str, list[float]] = {spec: [] for spec in specs}
+    rates: dict[str, list[float]] = {spec: [] for spec in specs}
+    for _ in range(rounds):
+        for spec, encoder in encoders.items():
+            latencies = []
+            for i in range(queries):
+                started = time.perf_counter()
+                encoder.encode_texts([PROBE_QUERIES[i % len(PROBE_QUERIES)]])
+                latencies.append((time.perf_counter() - started) * 1000)
+            text_ms[spec].append(float(np.median(latencies)))
+            started = time.perf_counter()
+            encoder.encode_images(images, batch_size=8)
+            rates[spec].append(len(images) / (time.perf_counter() - started))
+    return {spec: Speed(float(np.median(text_ms[spec])), float(np.median(rates[spec])),
+                        (min(text_ms[spec]), max(text_ms[spec])), (min(rates[spec]), max(rates[spec])))
+            for spec in specs}
 
 
-def measure_costs_isolated(spec: str, image_paths: list[str]) -> CostProbe:
-    """``measure_costs`` in a spawned process (clean memory accounting)."""
+def _in_child(fn, *args):
+    """Run ``fn(*args)`` in a freshly spawned process (clean memory, no state from this one)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure_costs, spec, image_paths).result()
+        return pool.submit(fn, *args).result()
 
 
 def evaluate_embeddings(emb: GalleryEmbeddings) -> dict:
@@ -77,18 +104,40 @@ def evaluate_embeddings(emb: GalleryEmbeddings) -> dict:
     return retrieval_metrics(emb.captions @ emb.images.T, emb.caption_image)
 
 
-def evaluate_matcher(spec: str, gallery: Gallery, probe_images: int = 64) -> tuple[dict, GalleryEmbeddings]:
-    """The eval-JSON entry for one matcher and the embeddings it was computed from."""
-    emb = embed_gallery(cached_encoder(spec), gallery)
-    result = evaluate_embeddings(emb)
-    paths = [str(gallery.path(n)) for n in emb.names[:probe_images]]
-    costs = measure_costs_isolated(spec, paths)
-    result.update(
-        spec=spec, params=costs.params, size_mb=round(costs.size_mb, 2), text_query_ms=round(costs.text_query_ms, 2),
-        images_per_s=round(costs.images_per_s, 1), peak_rss_mb=round(costs.peak_rss_mb, 1),
-        images=len(emb.names), captions=len(emb.caption_texts), skipped=len(emb.skipped),
-    )
-    return result, emb
+def evaluate_matchers(specs: list[str], gallery: Gallery, probe_images: int = 64) -> dict[str, dict]:
+    """The eval-JSON entry of every matcher: recall on the gallery, footprint, and speeds timed together.
+
+    Speeds of all ``specs`` come from one ``measure_speeds`` run, so ratios between them (student vs
+    teacher) are measured under the same load.
+    """
+    specs = list(dict.fromkeys(specs))
+    entries, probe_paths = {}, None
+    for spec in specs:
+        emb = embed_gallery(cached_encoder(spec), gallery)
+        result = evaluate_embeddings(emb)
+        probe_paths = probe_paths or [str(gallery.path(n)) for n in emb.names[:probe_images]]
+        footprint = _in_child(measure_footprint, spec, probe_paths)
+        result.update(spec=spec, params=footprint.params, size_mb=round(footprint.size_mb, 2),
+                      peak_rss_mb=round(footprint.peak_rss_mb, 1),
+                      images=len(emb.names), captions=len(emb.caption_texts), skipped=len(emb.skipped))
+        entries[spec] = result
+    speeds = _in_child(measure_speeds, specs, probe_paths)
+    for spec, speed in speeds.items():
+        entries[spec].update(
+            text_query_ms=round(speed.text_query_ms, 2), images_per_s=round(speed.images_per_s, 1),
+            text_query_ms_range=[round(v, 2) for v in speed.text_query_ms_range],
+            images_per_s_range=[round(v, 1) for v in speed.images_per_s_range])
+    return entries
+
+
+def evaluate_matcher(spec: str, gallery: Gallery, probe_images: int = 64) -> dict:
+    """``evaluate_matchers`` for one matcher (its speed then has nothing to be compared with)."""
+    return evaluate_matchers([spec], gallery, probe_images)[spec]
+
+
+SPEED_PROBE_NOTE = ("text query: batch 1 incl. tokenisation, median of 10 per round; images: 64 gallery photos at "
+                    "batch 8 incl. preprocessing; median of 5 rounds, every matcher timed in one process with "
+                    "rounds interleaved (ratios under the same load); memory: each matcher in its own process")
 
 
 def machine_description() -> dict:

@@ -111,14 +111,15 @@ class Workspace:
         """Re-measure recall and costs of the active preset on the gallery; writes ``eval-test.json``
         into the live results folder (the shipped file is left alone)."""
         from matcher.atomic import write_json
-        from matcher.evaluate import evaluate_matcher, machine_description
+        from matcher.evaluate import SPEED_PROBE_NOTE, evaluate_matchers, machine_description
 
-        evaluate = evaluate or evaluate_matcher
+        evaluate = evaluate or evaluate_matchers
         active, gallery = self.active(preset), self.gallery(root)
         report = {"gallery": str(gallery.root), "split": self.split, "preset": active.name,
-                  "machine": machine_description(), "matchers": {}}
+                  "machine": machine_description(), "speed_probe": SPEED_PROBE_NOTE, "matchers": {}}
+        entries = evaluate(list(active.roles.values()), gallery)
         for role, spec in active.roles.items():
-            report["matchers"][role], _ = evaluate(spec, gallery)
+            report["matchers"][role] = dict(entries[spec])
         path = self.live_results_dir / "eval-test.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)

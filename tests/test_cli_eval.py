@@ -23,7 +23,7 @@ def run_cli(*args: str, env_cache: str) -> subprocess.CompletedProcess:
 
 def test_cli_eval_writes_the_documented_json(small_gallery, tmp_path):
     out = tmp_path / "eval.json"
-    proc = run_cli("eval", "--gallery", str(small_gallery), "--split", "test", "--matchers", "teacher",
+    proc = run_cli("eval", "--gallery", str(small_gallery), "--split", "test", "--matchers", "teacher,student",
                    "--json", str(out), env_cache=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
     assert "teacher" in proc.stdout and "rsum" in proc.stdout
@@ -36,6 +36,14 @@ def test_cli_eval_writes_the_documented_json(small_gallery, tmp_path):
     assert teacher["t2i"]["R@1"] >= 40 and teacher["i2t"]["R@1"] >= 50
     assert teacher["images"] == 12 and teacher["captions"] == 60
     assert teacher["params"] > 20_000_000 and teacher["text_query_ms"] > 0 and teacher["images_per_s"] > 0
+    # speeds of both matchers come from one interleaved probe: medians inside their per-round ranges
+    assert "interleaved" in report["speed_probe"]
+    for entry in report["matchers"].values():
+        lo, hi = entry["images_per_s_range"]
+        assert lo <= entry["images_per_s"] <= hi
+        lo, hi = entry["text_query_ms_range"]
+        assert lo <= entry["text_query_ms"] <= hi
+    assert report["matchers"]["student"]["params"] * 5 < teacher["params"]
 
 
 def test_cli_reports_bad_split_and_unknown_matcher(small_gallery, tmp_path):

@@ -34,9 +34,9 @@ def test_live_results_override_shipped_ones(small_gallery, tmp_path):
                    hub_ok=lambda: False)
     assert len(ws.results().table("eval")) == 3
 
-    def fake_evaluate(spec, gallery):
-        return {"t2i": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0}, "i2t": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0},
-                "rsum": 12.0, "text_query_ms": 1.0, "images_per_s": 5.0, "spec": spec}, None
+    def fake_evaluate(specs, gallery):
+        return {spec: {"t2i": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0}, "i2t": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0},
+                       "rsum": 12.0, "text_query_ms": 1.0, "images_per_s": 5.0, "spec": spec} for spec in specs}
 
     path = ws.rerun_eval(evaluate=fake_evaluate)
     assert path == live / "eval-test.json"

@@ -103,7 +103,7 @@ def add_hashed_entries(report: dict, role: str, spec: str, gallery, candidates: 
     config = registered_models()[spec]
     base_entry = next((m for m in report["matchers"].values() if m.get("spec") == config["base"]), None)
     if base_entry is None:
-        base_entry, _ = evaluate_matcher(config["base"], gallery)
+        base_entry = evaluate_matcher(config["base"], gallery)
     emb = embed_gallery(cached_encoder(config["base"]), gallery)
     rerank_emb = embed_gallery(cached_encoder(config["rerank_by"]), gallery) if config.get("rerank_by") else None
     hashers, _ = load_heads(REPO_ROOT / config["heads"])

@@ -333,13 +333,13 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
     """Train every variant with the same recipe/budget/seed; tabulate recall, costs and teacher ratios.
 
     Every variant has the same architecture, so costs (params, text-query latency, image throughput)
-    are measured once, with ``evaluate_matcher`` (the code path of ``python -m matcher eval``) on
+    are measured once, with ``evaluate_matchers`` (the code path of ``python -m matcher eval``) on
     the checkpoint that is best on val; the teacher gets the same treatment. Per-variant test recall
     comes from the cached test trunk features (float16 cache, same weights); the best variant's
     full-pipeline test recall is stored in the header next to it. The table is rewritten after
     every variant so a long run can be watched.
     """
-    from matcher.evaluate import evaluate_matcher, machine_description
+    from matcher.evaluate import evaluate_matchers, machine_description
     from matcher.gallery import open_gallery
 
     data = Flickr8k.load(data_root)
@@ -347,7 +347,7 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
               "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "seed": base.seed},
               "recipe": asdict(base),
               "note": "test recall per row from cached trunk features; costs measured once (same architecture) "
-                      "on the best-on-val checkpoint with matcher.evaluate.evaluate_matcher"}
+                      "on the best-on-val checkpoint with matcher.evaluate.evaluate_matchers, timed with the teacher"}
     rows, trained_runs = [], []
     pending = {"rsum": float("nan"), "params": 0, "text_query_ms": float("nan"), "images_per_s": float("nan")}
     for spec in variants:
@@ -367,9 +367,9 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
         write_ablation(results, rows, header)
 
     gallery = open_gallery(gallery_path).select(split)
-    teacher, _ = evaluate_matcher(base.teacher, gallery)
     best_name, _, best_trained, _, best_ckpt = max(trained_runs, key=lambda r: r[2]["val"]["rsum"])  # val, never test
-    student, _ = evaluate_matcher(str(best_ckpt), gallery)
+    entries = evaluate_matchers([base.teacher, str(best_ckpt)], gallery)  # speeds timed together
+    teacher, student = entries[base.teacher], entries[str(best_ckpt)]
     costs = {k: student[k] for k in ("params", "size_mb", "text_query_ms", "images_per_s")}
     keep = ("t2i", "i2t", "rsum", "params", "size_mb", "text_query_ms", "images_per_s")
     header.update(teacher={k: teacher[k] for k in keep}, best_on_val=best_name, best_checkpoint=str(best_ckpt),
