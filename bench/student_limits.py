@@ -7,13 +7,14 @@ embedding), and reports val rsum. Because the text side is the teacher's, the nu
 image tower: it is the accuracy a student with that image input could reach without fine-tuning.
 Next to it, the tower's throughput (batch 8, channels-last, no preprocessing) and the teacher's.
 
-    python bench/student_limits.py [--sizes 112,128,144,160] [--json assets/results/student-limits.json]
+    python bench/student_limits.py [--sizes 112,128,144,160] [--json assets/results/student-limits.json] [--merge]
 
 Needs the teacher's targets cache (built by ``train-student``) and the Flickr8k folder.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--sizes", default="112,128,144,160")
     parser.add_argument("--json", default="assets/results/student-limits.json")
+    parser.add_argument("--merge", action="store_true", help="keep rows of other sizes already in --json")
     args = parser.parse_args()
     data = Flickr8k.load(args.data)
     targets = teacher_targets(data, DEFAULT_TEACHER)
@@ -123,8 +125,15 @@ def main() -> None:
                      "t2i_R@1": round(metrics["t2i"]["R@1"], 1), "i2t_R@1": round(metrics["i2t"]["R@1"], 1),
                      "images_per_s": round(rate, 1), "speedup_vs_teacher_tower": round(rate / teacher_rate, 2)})
         print(rows[-1], flush=True)
+    command = "python bench/student_limits.py " + " ".join(sys.argv[1:])
+    for row in rows:
+        row.update(command=command, threads=torch.get_num_threads())
+    if args.merge and Path(args.json).exists():  # keep the other sizes' rows from earlier runs
+        measured = {row["image_tower"] for row in rows}
+        rows = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["image_tower"] not in measured] + rows
+        rows.sort(key=lambda r: int(r["image_tower"].rsplit("@", 1)[1]))
     write_json(args.json, {
-        "command": "python bench/student_limits.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "machine": machine_description(),
         "note": "frozen Lite0 + linear head into the teacher's space, val recall against the teacher's captions; "
                 "throughput = tower only, batch 8, channels-last",
