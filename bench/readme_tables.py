@@ -2,7 +2,8 @@
 
     python bench/readme_tables.py [--results assets/results]
 
-Sections: the eval table (``eval-test.json``), student vs teacher with ratios, and HEI vs LSH/ITQ
+Sections: the eval table (``eval-test.json``), student vs teacher with ratios, the loss ablation
+(``ablation.json``), and HEI vs LSH/ITQ
 (``hashing.json``, test split). Paste the output over the matching README tables.
 """
 from __future__ import annotations
@@ -36,13 +37,27 @@ def eval_table(data: dict) -> str:
 
 def ratio_table(data: dict) -> str:
     t, s = data["matchers"]["teacher"], data["matchers"]["student"]
-    rows = ["| | params | weights | text query p50 | images/s | test rsum |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| | params | weights | text query p50 | images/s (per-round range) | test rsum |", "|---|---:|---:|---:|---:|---:|"]
     for name, m in (("teacher", t), ("student", s)):
+        spread = m.get("images_per_s_range")
+        spread = f" ({spread[0]:.0f}–{spread[1]:.0f})" if spread else ""
         rows.append(f"| {name} | {_m(m['params'])} | {m['size_mb']:.0f} MB | {m['text_query_ms']:.1f} ms | "
-                    f"{m['images_per_s']:.1f} | {m['rsum']:.1f} |")
+                    f"{m['images_per_s']:.1f}{spread} | {m['rsum']:.1f} |")
     rows.append(f"| ratio | **{t['params'] / s['params']:.2f}× fewer** | {t['size_mb'] / s['size_mb']:.1f}× smaller | "
                 f"**{t['text_query_ms'] / s['text_query_ms']:.1f}× faster** | **{s['images_per_s'] / t['images_per_s']:.1f}× faster** | "
                 f"**{100 * s['rsum'] / t['rsum']:.0f} %** |")
+    return "\n".join(rows)
+
+
+def ablation_table(data: dict) -> str:
+    """One row per loss variant: the contrastive and embedding weights, val (selection) and test rsum."""
+    teacher = data.get("teacher", {}).get("rsum")
+    rows = ["| loss | +contrastive | +embed | best epoch | val rsum | **test rsum** | t2i R@1 | i2t R@1 | test rsum / teacher |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        share = f"{100 * r['test_rsum'] / teacher:.1f} %" if teacher else "—"
+        rows.append(f"| `{r['loss']}` | {r['contrastive_weight']:g} | {r['embed_weight']:g} | {r['best_epoch']} | "
+                    f"{r['val_rsum']:.1f} | **{r['test_rsum']:.1f}** | {r['t2i_R@1']:.1f} | {r['i2t_R@1']:.1f} | {share} |")
     return "\n".join(rows)
 
 
@@ -80,6 +95,9 @@ def main() -> None:
     evaluation = json.loads((root / "eval-test.json").read_text())
     print("## eval-test.json\n\n" + eval_table(evaluation) + "\n")
     print("## student vs teacher\n\n" + ratio_table(evaluation) + "\n")
+    ablation = root / "ablation.json"
+    if ablation.exists():
+        print("## ablation.json\n\n" + ablation_table(json.loads(ablation.read_text())) + "\n")
     hashing = root / "hashing.json"
     if hashing.exists():
         print("## hashing.json (test)\n\n" + hashing_table(json.loads(hashing.read_text())))
