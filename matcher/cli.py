@@ -162,7 +162,7 @@ def cmd_ablate_student(args: argparse.Namespace) -> None:
     variants = [v.strip() for v in args.losses.split(",") if v.strip()]
     command = "python -m matcher " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else ""
     result = run_ablation(args.data, args.work_dir, _student_recipe(args), variants, args.results,
-                          args.gallery, args.split, command)
+                          args.gallery, args.split, command, resume=args.resume)
     print(f"wrote {args.results} and {Path(args.results).with_suffix('.csv')}; best on val: {result['best']['loss']}")
     if args.install:
         shutil.copy(result["best"]["checkpoint"], args.install)
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the per-loss checkpoints go")
     p.add_argument("--results", default="assets/results/ablation.json")
     p.add_argument("--install", help="copy the best-on-val checkpoint here (e.g. assets/models/offline-student.pt)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the variants an interrupted run of the same ablation already finished (--results, --work-dir)")
     p.set_defaults(func=cmd_ablate_student)
 
     from matcher.dashboard_cli import add_commands as add_dashboard_commands

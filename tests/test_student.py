@@ -99,6 +99,29 @@ def test_parse_variant_and_ratios():
     assert row["text_speedup"] == 10.0 and row["image_speedup"] == 6.0
 
 
+def test_resumed_ablation_rebuilds_the_same_rows(tmp_path):
+    from dataclasses import asdict
+
+    from matcher.train.student import _finished_variants, _variant_checkpoint, write_ablation
+
+    base = StudentRecipe(epochs=2)
+    teacher = {"rsum": 300.0, "params": 28_000_000, "text_query_ms": 10.0, "images_per_s": 20.0}
+    result = {"rsum": 285.0, "t2i": {"R@1": 20.0}, "i2t": {"R@1": 30.0}, "params": 5_000_000, "size_mb": 20.0,
+              "text_query_ms": 1.0, "images_per_s": 120.0}
+    trained = {"best_epoch": 2, "val": {"rsum": 290.0}, "history": [{"seconds": 7.0}, {"seconds": 5.0}]}
+    rows = [ablation_row(name, base, trained, result, teacher) for name in ("wsd", "mse+embed")]
+    results = tmp_path / "ablation.json"
+    write_ablation(results, rows, {"recipe": asdict(base)})
+    _variant_checkpoint(tmp_path, "wsd").write_bytes(b"")  # mse+embed's checkpoint is gone: retrain it
+    done = _finished_variants(results, base, tmp_path)
+    assert set(done) == {"wsd"}
+    again_trained, again_result = done["wsd"]
+    again = ablation_row("wsd", base, again_trained, {**again_result, **{k: result[k] for k in
+                         ("params", "size_mb", "text_query_ms", "images_per_s")}}, teacher)
+    assert again == rows[0]
+    assert _finished_variants(results, StudentRecipe(epochs=3), tmp_path) == {}  # another budget: nothing reused
+
+
 @pytest.mark.slow
 def test_bundled_student_is_registered_small_and_retrieves(small_gallery, tmp_path):
     from matcher.cache import ArrayCache

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -328,8 +329,31 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return spec, changes
 
 
+def _finished_variants(results: Path, base: StudentRecipe, out_dir: Path) -> dict[str, tuple[dict, dict]]:
+    """Variants an earlier run of the same ablation (same base recipe) already trained and tested:
+    name -> (trained, result) rebuilt from its row, if the row's checkpoint is still there."""
+    if not results.exists():
+        return {}
+    earlier = json.loads(results.read_text())
+    if earlier.get("recipe") != asdict(base):
+        return {}
+    done = {}
+    for row in earlier.get("rows", []):
+        if _variant_checkpoint(out_dir, row["loss"]).exists():
+            trained = {"best_epoch": row["best_epoch"], "val": {"rsum": row["val_rsum"]},
+                       "history": [{"seconds": row["train_seconds"]}]}
+            result = {"rsum": row["test_rsum"], "t2i": {"R@1": row["t2i_R@1"]}, "i2t": {"R@1": row["i2t_R@1"]}}
+            done[row["loss"]] = (trained, result)
+    return done
+
+
+def _variant_checkpoint(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"student-{name.replace(':', '-c').replace('+', '-')}.pt"
+
+
 def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe, variants: list[str],
-                 results: str | Path, gallery_path: str | Path, split: str = "test", command: str = "") -> dict:
+                 results: str | Path, gallery_path: str | Path, split: str = "test", command: str = "",
+                 resume: bool = False) -> dict:
     """Train every variant with the same recipe/budget/seed; tabulate recall, costs and teacher ratios.
 
     Every variant has the same architecture, so costs (params, text-query latency, image throughput)
@@ -337,7 +361,8 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
     the checkpoint that is best on val; the teacher gets the same treatment. Per-variant test recall
     comes from the cached test trunk features (float16 cache, same weights); the best variant's
     full-pipeline test recall is stored in the header next to it. The table is rewritten after
-    every variant so a long run can be watched.
+    every variant so a long run can be watched. ``resume`` reuses the variants an interrupted run of
+    the same ablation (same base recipe, checkpoint still in ``out_dir``) already finished.
     """
     from matcher.evaluate import evaluate_matchers, machine_description
     from matcher.gallery import open_gallery
@@ -348,12 +373,19 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
               "recipe": asdict(base),
               "note": "test recall per row from cached trunk features; costs measured once (same architecture) "
                       "on the best-on-val checkpoint with matcher.evaluate.evaluate_matchers, timed with the teacher"}
+    finished = _finished_variants(Path(results), base, Path(out_dir)) if resume else {}
     rows, trained_runs = [], []
     pending = {"rsum": float("nan"), "params": 0, "text_query_ms": float("nan"), "images_per_s": float("nan")}
     for spec in variants:
         name, changes = parse_variant(spec)
         recipe = replace(base, **changes)
-        ckpt = Path(out_dir) / f"student-{name.replace(':', '-c').replace('+', '-')}.pt"
+        ckpt = _variant_checkpoint(out_dir, name)
+        if name in finished:
+            trained, tested = finished[name]
+            costs = {k: pending[k] for k in ("params", "text_query_ms", "images_per_s")}
+            trained_runs.append((name, recipe, trained, {**tested, **costs, "size_mb": float("nan")}, ckpt))
+            print(f"[{name}] resumed: val rsum {trained['val']['rsum']:.1f}  {split} rsum {tested['rsum']:.1f}", flush=True)
+            continue
         trained = train_student(data_root, ckpt, recipe, progress=False)
         module = load_checkpoint(ckpt).module
         test = CachedSplit.from_features(
