@@ -22,10 +22,15 @@ def _roles(preset_name: str, only: str | None) -> dict[str, str]:
     roles = preset(preset_name)
     if only:
         wanted = [r.strip() for r in only.split(",") if r.strip()]
-        unknown = [r for r in wanted if r not in roles]
+        # ROLE=SPEC adds a matcher that is not in the preset (e.g. a freshly trained checkpoint), so a
+        # candidate is measured next to the preset's matchers, speeds timed together.
+        extra = dict(w.split("=", 1) for w in wanted if "=" in w)
+        wanted = [w.split("=", 1)[0] for w in wanted]
+        unknown = [r for r in wanted if r not in roles and r not in extra]
         if unknown:
-            raise SystemExit(f"error: preset {preset_name!r} has no matcher {unknown[0]!r} (has: {', '.join(roles)})")
-        roles = {r: roles[r] for r in wanted}
+            raise SystemExit(f"error: preset {preset_name!r} has no matcher {unknown[0]!r} (has: {', '.join(roles)}; "
+                             "or name one as ROLE=SPEC)")
+        roles = {r: extra.get(r) or roles[r] for r in wanted}
     return roles
 
 
@@ -212,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="Recall@K (both directions), rsum and costs of a preset's matchers")
     gallery_args(p, split="test")
     p.add_argument("--preset", default="offline")
-    p.add_argument("--matchers", help="comma-separated roles (default: all of the preset)")
+    p.add_argument("--matchers", help="comma-separated roles (default: all of the preset); ROLE=SPEC adds a "
+                   "matcher that is not in the preset, e.g. student-128=runs/student-128.pt")
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_eval)
 

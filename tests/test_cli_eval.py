@@ -23,7 +23,7 @@ def run_cli(*args: str, env_cache: str) -> subprocess.CompletedProcess:
 
 def test_cli_eval_writes_the_documented_json(small_gallery, tmp_path):
     out = tmp_path / "eval.json"
-    proc = run_cli("eval", "--gallery", str(small_gallery), "--split", "test", "--matchers", "teacher,student",
+    proc = run_cli("eval", "--gallery", str(small_gallery), "--split", "test", "--matchers", "teacher,candidate=assets/models/offline-student.pt",
                    "--json", str(out), env_cache=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
     assert "teacher" in proc.stdout and "rsum" in proc.stdout
@@ -43,7 +43,9 @@ def test_cli_eval_writes_the_documented_json(small_gallery, tmp_path):
         assert lo <= entry["images_per_s"] <= hi
         lo, hi = entry["text_query_ms_range"]
         assert lo <= entry["text_query_ms"] <= hi
-    assert report["matchers"]["student"]["params"] * 5 < teacher["params"]
+    # ROLE=SPEC: a matcher outside the preset, here a checkpoint path, measured next to the teacher
+    assert report["matchers"]["candidate"]["spec"] == "assets/models/offline-student.pt"
+    assert report["matchers"]["candidate"]["params"] * 5 < teacher["params"]
 
 
 def test_cli_reports_bad_split_and_unknown_matcher(small_gallery, tmp_path):
