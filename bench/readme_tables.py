@@ -36,16 +36,19 @@ def eval_table(data: dict) -> str:
 
 
 def ratio_table(data: dict) -> str:
-    t, s = data["matchers"]["teacher"], data["matchers"]["student"]
+    """Teacher, the student and any other ``student-*`` entry (e.g. a candidate), with ratios to the teacher."""
+    t = data["matchers"]["teacher"]
+    students = {n: m for n, m in data["matchers"].items() if n == "student" or n.startswith("student-")}
     rows = ["| | params | weights | text query p50 | images/s (per-round range) | test rsum |", "|---|---:|---:|---:|---:|---:|"]
-    for name, m in (("teacher", t), ("student", s)):
+    for name, m in (("teacher", t), *students.items()):
         spread = m.get("images_per_s_range")
         spread = f" ({spread[0]:.0f}–{spread[1]:.0f})" if spread else ""
         rows.append(f"| {name} | {_m(m['params'])} | {m['size_mb']:.0f} MB | {m['text_query_ms']:.1f} ms | "
                     f"{m['images_per_s']:.1f}{spread} | {m['rsum']:.1f} |")
-    rows.append(f"| ratio | **{t['params'] / s['params']:.2f}× fewer** | {t['size_mb'] / s['size_mb']:.1f}× smaller | "
-                f"**{t['text_query_ms'] / s['text_query_ms']:.1f}× faster** | **{s['images_per_s'] / t['images_per_s']:.1f}× faster** | "
-                f"**{100 * s['rsum'] / t['rsum']:.0f} %** |")
+    for name, s in students.items():
+        rows.append(f"| {name} / teacher | **{t['params'] / s['params']:.2f}× fewer** | {t['size_mb'] / s['size_mb']:.1f}× smaller | "
+                    f"**{t['text_query_ms'] / s['text_query_ms']:.1f}× faster** | **{s['images_per_s'] / t['images_per_s']:.1f}× faster** | "
+                    f"**{100 * s['rsum'] / t['rsum']:.0f} %** |")
     return "\n".join(rows)
 
 
