@@ -99,6 +99,17 @@ def test_parse_variant_and_ratios():
     assert row["text_speedup"] == 10.0 and row["image_speedup"] == 6.0
 
 
+def test_teacher_side_swaps_in_the_teacher_embeddings(tmp_path):
+    from matcher.train.student import _with_teacher_side, train_student
+
+    img, txt, t_img, t_txt = (torch.full((2, 4), float(v)) for v in range(4))
+    assert _with_teacher_side("none", img, txt, t_img, t_txt) == (img, txt)
+    assert _with_teacher_side("text", img, txt, t_img, t_txt) == (img, t_txt)
+    assert _with_teacher_side("image", img, txt, t_img, t_txt) == (t_img, txt)
+    with pytest.raises(ValueError, match="teacher_side must be none, text or image"):
+        train_student(tmp_path / "no-data", tmp_path / "s.pt", StudentRecipe(teacher_side="both"))
+
+
 def test_resumed_ablation_rebuilds_the_same_rows(tmp_path):
     from dataclasses import asdict
 

@@ -177,11 +177,11 @@ def _val_metrics(module: DualEncoderModule, val: CachedSplit, side: str, targets
 
 def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe, progress: bool = True) -> dict:
     """Train, keep the best epoch on val, save the checkpoint; returns the training history."""
+    if recipe.teacher_side not in ("none", "text", "image"):
+        raise ValueError(f"teacher_side must be none, text or image, not {recipe.teacher_side!r}")
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     data = Flickr8k.load(data_root)
-    if recipe.teacher_side not in ("none", "text", "image"):
-        raise ValueError(f"teacher_side must be none, text or image, not {recipe.teacher_side!r}")
     needs_teacher = recipe.loss != "contrastive" or recipe.embed_weight > 0 or recipe.teacher_side != "none"
     targets = None
     if needs_teacher:
