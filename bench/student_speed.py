@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matcher.atomic import write_json  # noqa: E402
-from matcher.evaluate import machine_description  # noqa: E402
+from matcher.evaluate import machine_description, time_interleaved  # noqa: E402
 from matcher.images import load_rgb  # noqa: E402
 from matcher.models import load_encoder  # noqa: E402
 from matcher.paths import DEFAULT_GALLERY  # noqa: E402
 from matcher.towers import image_transform  # noqa: E402
-
-
-def images_per_s(encoder, images) -> float:
-    started = time.perf_counter()
-    encoder.encode_images(images, batch_size=8)
-    return len(images) / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -51,21 +43,17 @@ def main() -> None:
         student.preprocess = image_transform(size)
         students[size] = student
     entries = {"teacher": teacher, **{f"student@{s}": e for s, e in students.items()}}
-    for encoder in entries.values():
-        encoder.encode_images(images[:8], batch_size=8)  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in entries}
-    for _ in range(args.rounds):
-        for name, encoder in entries.items():
-            rates[name].append(images_per_s(encoder, images))
-    teacher_rate = float(np.median(rates["teacher"]))
-    rows = [{"model": name, "images_per_s": round(float(np.median(r)), 1),
-             "min": round(min(r), 1), "max": round(max(r), 1),
-             "speedup_vs_teacher": round(float(np.median(r)) / teacher_rate, 2)} for name, r in rates.items()]
+    speeds = time_interleaved(entries, images, rounds=args.rounds)
+    teacher_rate = speeds["teacher"].images_per_s
+    rows = [{"model": name, "images_per_s": round(sp.images_per_s, 1),
+             "min": round(sp.images_per_s_range[0], 1), "max": round(sp.images_per_s_range[1], 1),
+             "speedup_vs_teacher": round(sp.images_per_s / teacher_rate, 2),
+             "text_query_ms": round(sp.text_query_ms, 2)} for name, sp in speeds.items()]
     for row in rows:
         print(row)
     write_json(args.json, {"command": "python bench/student_speed.py " + " ".join(sys.argv[1:]),
                            "machine": {**machine_description(), "threads": args.threads},
-                           "note": "Encoder.encode_images (preprocessing included), batch 8, channels-last; "
+                           "note": "matcher.evaluate.time_interleaved: encode_images (preprocessing included), batch 8, channels-last, BN folded; "
                                    f"{len(images)} bundled test photos; median of {args.rounds} interleaved rounds",
                            "rows": rows})
     print(f"wrote {args.json}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from matcher.embed import GalleryEmbeddings, embed_gallery
+from matcher.encoders import Encoder
 from matcher.gallery import Gallery
 from matcher.images import load_rgb
 from matcher.metrics import retrieval_metrics
@@ -60,36 +61,40 @@ def measure_footprint(spec: str, image_paths: list[str]) -> Footprint:
 
 def measure_speeds(specs: list[str], image_paths: list[str], rounds: int = 5, queries: int = 10,
                    threads: int | None = None) -> dict[str, Speed]:
-    """Time every matcher in one process, rounds interleaved (A, B, C, A, B, C, ...).
+    """``time_interleaved`` for registered matchers / checkpoints, loaded by spec."""
+    if threads:
+        torch.set_num_threads(threads)
+    return time_interleaved({spec: cached_encoder(spec) for spec in specs}, [load_rgb(p) for p in image_paths],
+                            rounds, queries)
+
+
+def time_interleaved(encoders: dict[str, Encoder], images: list, rounds: int = 5, queries: int = 10) -> dict[str, Speed]:
+    """Time every encoder in one process, rounds interleaved (A, B, C, A, B, C, ...).
 
     Why one process and interleaving: on a shared VM the load drifts by up to ~2x within minutes;
     timing each model in its own process, minutes apart, made the teacher/student ratio swing
-    (3.9x to 10x for the same two models). Interleaved rounds expose every matcher to the same load,
+    (3.9x to 10x for the same two models). Interleaved rounds expose every encoder to the same load,
     so the *ratios* are stable even when absolute numbers are not.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    encoders = {spec: cached_encoder(spec) for spec in specs}
-    images = [load_rgb(p) for p in image_paths]
     for encoder in encoders.values():  # warm-up
         encoder.encode_texts(PROBE_QUERIES[:3])
         encoder.encode_images(images[:8], batch_size=8)
-    text_ms: dict[str, list[float]] = {spec: [] for spec in specs}
-    rates: dict[str, list[float]] = {spec: [] for spec in specs}
+    text_ms: dict[str, list[float]] = {name: [] for name in encoders}
+    rates: dict[str, list[float]] = {name: [] for name in encoders}
     for _ in range(rounds):
-        for spec, encoder in encoders.items():
+        for name, encoder in encoders.items():
             latencies = []
             for i in range(queries):
                 started = time.perf_counter()
                 encoder.encode_texts([PROBE_QUERIES[i % len(PROBE_QUERIES)]])
                 latencies.append((time.perf_counter() - started) * 1000)
-            text_ms[spec].append(float(np.median(latencies)))
+            text_ms[name].append(float(np.median(latencies)))
             started = time.perf_counter()
             encoder.encode_images(images, batch_size=8)
-            rates[spec].append(len(images) / (time.perf_counter() - started))
-    return {spec: Speed(float(np.median(text_ms[spec])), float(np.median(rates[spec])),
-                        (min(text_ms[spec]), max(text_ms[spec])), (min(rates[spec]), max(rates[spec])))
-            for spec in specs}
+            rates[name].append(len(images) / (time.perf_counter() - started))
+    return {name: Speed(float(np.median(text_ms[name])), float(np.median(rates[name])),
+                        (min(text_ms[name]), max(text_ms[name])), (min(rates[name]), max(rates[name])))
+            for name in encoders}
 
 
 def _in_child(fn, *args):
