@@ -24,14 +24,27 @@ def _roles(preset_name: str, only: str | None) -> dict[str, str]:
         wanted = [r.strip() for r in only.split(",") if r.strip()]
         # ROLE=SPEC adds a matcher that is not in the preset (e.g. a freshly trained checkpoint), so a
         # candidate is measured next to the preset's matchers, speeds timed together.
-        extra = dict(w.split("=", 1) for w in wanted if "=" in w)
-        wanted = [w.split("=", 1)[0] for w in wanted]
+        extra = {role.strip(): spec.strip() for role, spec in (w.split("=", 1) for w in wanted if "=" in w)}
+        for role, spec in extra.items():
+            _check_extra_matcher(role, spec)
+        wanted = [w.split("=", 1)[0].strip() for w in wanted]
         unknown = [r for r in wanted if r not in roles and r not in extra]
         if unknown:
             raise SystemExit(f"error: preset {preset_name!r} has no matcher {unknown[0]!r} (has: {', '.join(roles)}; "
                              "or name one as ROLE=SPEC)")
-        roles = {r: extra.get(r) or roles[r] for r in wanted}
+        roles = {r: extra[r] if r in extra else roles[r] for r in wanted}
     return roles
+
+
+def _check_extra_matcher(role: str, spec: str) -> None:
+    """Refuse a ROLE=SPEC whose weights cannot be found, before any model is loaded."""
+    from matcher.compare import missing_weights
+
+    if not role or not spec:
+        raise SystemExit(f"error: write an extra matcher as ROLE=SPEC, e.g. candidate=runs/student.pt (got {role}={spec})")
+    reason = missing_weights(spec)
+    if reason:
+        raise SystemExit(f"error: matcher {role!r} cannot be loaded: {reason}")
 
 
 def _open(gallery: str, split: str | None):

@@ -116,6 +116,8 @@ def evaluate_matchers(specs: list[str], gallery: Gallery, probe_images: int = 64
     teacher) are measured under the same load.
     """
     specs = list(dict.fromkeys(specs))
+    if not specs:
+        return {}
     entries, probe_paths = {}, None
     for spec in specs:
         emb = embed_gallery(cached_encoder(spec), gallery)

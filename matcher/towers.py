@@ -128,8 +128,8 @@ class EfficientNetLiteTower(nn.Module):
         bias; eager PyTorch otherwise runs it as a separate pass over the activation map. That pass
         is pure overhead, proportionally larger for small inputs, so both teacher and student get it
         (``TowerEncoder``) and the speed ratio compares two equally optimised models. The result
-        equals the unfolded tower up to float rounding; training must not continue on a folded tower
-        (its BN statistics are gone), hence the ``folded`` flag.
+        equals the unfolded tower up to float rounding. Training must not continue on a folded tower
+        (its BN statistics are gone); ``folded`` records the state and makes a second call a no-op.
         """
         if self.folded:
             return self

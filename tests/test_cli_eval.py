@@ -53,6 +53,10 @@ def test_cli_reports_bad_split_and_unknown_matcher(small_gallery, tmp_path):
     assert proc.returncode != 0 and "no images in split 'train'" in proc.stderr
     proc = run_cli("eval", "--gallery", str(small_gallery), "--matchers", "oracle", env_cache=str(tmp_path / "c"))
     assert proc.returncode != 0 and "no matcher 'oracle'" in proc.stderr
+    proc = run_cli("eval", "--gallery", str(small_gallery), "--matchers", "teacher,candidate=runs/missing.pt",
+                   env_cache=str(tmp_path / "c"))
+    assert proc.returncode != 0 and "matcher 'candidate' cannot be loaded: runs/missing.pt not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_teacher_finds_the_described_photo(small_gallery):
