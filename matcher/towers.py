@@ -10,6 +10,7 @@ import importlib
 import os
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -48,8 +49,12 @@ def lite_weights_path(variant: str) -> str:
 def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the shorter side, centre-crop a square and scale to [-1, 1].
 
-    Written with PIL and torch only (no torchvision) so the offline towers do not depend on the
-    torchvision build that matches torch.
+    Written with PIL and numpy only (no torchvision) so the offline towers do not depend on the
+    torchvision build that matches torch. Downscaling by a factor of 2 or more first averages
+    whole pixel blocks (PIL's ``reduce``, via ``reducing_gap=1``) and resamples bicubically only
+    the remaining fraction: a full bicubic 224 -> 112 px resize took 0.34 ms per photo, a quarter
+    of the student's whole image time, the block average takes 0.04 ms, and the student's test
+    rsum was unchanged (230.8 bicubic, 231.5 block average; README "How speed is measured").
     """
 
     def transform(image: Image.Image) -> torch.Tensor:
@@ -58,12 +63,11 @@ def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
         scale = image_size / min(w, h)
         if (w, h) != (image_size, image_size):
             new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-            image = image.resize((new_w, new_h), Image.BICUBIC)
+            image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=1.0)
             left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
             image = image.crop((left, top, left + image_size, top + image_size))
-        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        x = x.view(image_size, image_size, 3).permute(2, 0, 1).float().div_(255.0)
-        return (x - 0.5) / 0.5
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        return x.float().div_(127.5).sub_(1.0)
 
     return transform
 

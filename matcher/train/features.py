@@ -76,7 +76,8 @@ def text_trunk_features(tower: MiniLMTextTower, texts: list[str], batch_size: in
 
 def cached_image_features(data: Flickr8k, variant: str, image_size: int, trainable_blocks: int) -> dict[str, np.ndarray]:
     """Per split trunk features ('train' with flips, 'val'/'test' without), computed once."""
-    name = f"{variant}-{image_size}-top{trainable_blocks}"
+    # "r1": made with image_transform's block-average downscaling; caches made before it are not reused.
+    name = f"{variant}-{image_size}-top{trainable_blocks}-r1"
     path = _feature_file(name)
     if path.exists():
         with np.load(path) as z:
