@@ -14,7 +14,7 @@ from torch import nn
 from matcher.atomic import atomic_path
 from matcher.encoders import Encoder
 from matcher.student_towers import TinyTextTower
-from matcher.towers import EfficientNetLiteTower, MiniLMTextTower, image_transform
+from matcher.towers import PREPROCESS_VERSION, EfficientNetLiteTower, MiniLMTextTower, image_transform
 
 CHECKPOINT_FORMAT = "matcher-dual-encoder/1"
 
@@ -59,6 +59,7 @@ class TowerEncoder(Encoder):
     def __init__(self, name: str, module: DualEncoderModule, config: dict):
         self.name, self.module, self.config = name, module.eval(), config
         self.preprocess = image_transform(module.image_tower.image_size)
+        self.preprocess_version = PREPROCESS_VERSION
         # EfficientNet's depthwise convolutions run faster on CPU in channels-last layout (the
         # teacher's `eval` image throughput: 28.8 -> 48-80 images/s). Both teacher and student get it, so speed
         # ratios compare two equally optimised models.

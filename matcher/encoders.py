@@ -65,9 +65,11 @@ class Encoder(ABC):
         return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
     def fingerprint(self) -> str:
-        """Hash of name, config and every weight: cached embeddings are valid only for identical models."""
+        """Hash of name, config, preprocessing version and every weight: cached embeddings are valid
+        only for identical models fed identical pixels."""
         if getattr(self, "_fingerprint", None) is None:
             digest = hashlib.sha256(self.name.encode())
+            digest.update(getattr(self, "preprocess_version", "").encode())
             digest.update(json.dumps(getattr(self, "config", None), sort_keys=True, default=str).encode())
             for key, tensor in sorted(self.module.state_dict().items()):
                 digest.update(key.encode())

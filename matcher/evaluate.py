@@ -68,17 +68,20 @@ def measure_speeds(specs: list[str], image_paths: list[str], rounds: int = 5, qu
                             rounds, queries)
 
 
-def time_interleaved(encoders: dict[str, Encoder], images: list, rounds: int = 5, queries: int = 10) -> dict[str, Speed]:
+def time_interleaved(encoders: dict[str, Encoder], images: list, rounds: int = 5, queries: int = 10,
+                     batch_size: int = 8) -> dict[str, Speed]:
     """Time every encoder in one process, rounds interleaved (A, B, C, A, B, C, ...).
 
     Why one process and interleaving: on a shared VM the load drifts by up to ~2x within minutes;
     timing each model in its own process, minutes apart, made the teacher/student ratio swing
     (3.9x to 10x for the same two models). Interleaved rounds expose every encoder to the same load,
-    so the *ratios* are stable even when absolute numbers are not.
+    so the *ratios* are stable even when absolute numbers are not. (Most of that drift turned out to
+    be glibc returning activation memory to the kernel, now switched off by ``matcher.runtime``;
+    interleaving stays as the guard against the rest.)
     """
     for encoder in encoders.values():  # warm-up
         encoder.encode_texts(PROBE_QUERIES[:3])
-        encoder.encode_images(images[:8], batch_size=8)
+        encoder.encode_images(images[:batch_size], batch_size=batch_size)
     text_ms: dict[str, list[float]] = {name: [] for name in encoders}
     rates: dict[str, list[float]] = {name: [] for name in encoders}
     for _ in range(rounds):
@@ -90,7 +93,7 @@ def time_interleaved(encoders: dict[str, Encoder], images: list, rounds: int = 5
                 latencies.append((time.perf_counter() - started) * 1000)
             text_ms[name].append(float(np.median(latencies)))
             started = time.perf_counter()
-            encoder.encode_images(images, batch_size=8)
+            encoder.encode_images(images, batch_size=batch_size)
             rates[name].append(len(images) / (time.perf_counter() - started))
     return {name: Speed(float(np.median(text_ms[name])), float(np.median(rates[name])),
                         (min(text_ms[name]), max(text_ms[name])), (min(rates[name]), max(rates[name])))

@@ -13,12 +13,15 @@ from 4x to 10x with it (measured; see README "How speed is measured").
 process and is reused by the next pass. The cost is that the resident size stays at its high-water
 mark instead of shrinking between requests, which a long-running app pays anyway on its next batch.
 It is applied once, when ``matcher`` is imported, so the CLI, the app, the spawned measurement
-processes and the tests all run under the same allocator behaviour.
+processes and the tests all run under the same allocator behaviour. Setting the environment
+variable ``MATCHER_GLIBC_MALLOC_DEFAULTS=1`` keeps glibc's defaults (``bench/image_speed_options.py``
+uses it to measure the difference).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -27,7 +30,10 @@ KEEP_BYTES = 1 << 30
 
 def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
     """Ask glibc to keep up to ``limit`` bytes of freed memory; False where that is not possible
-    (another C library, e.g. macOS or musl), which changes speed, never results."""
+    (another C library, e.g. macOS or musl) or where MATCHER_GLIBC_MALLOC_DEFAULTS=1 opts out.
+    It changes speed, never results."""
+    if os.environ.get("MATCHER_GLIBC_MALLOC_DEFAULTS") == "1":
+        return False
     name = ctypes.util.find_library("c")
     if not name:
         return False

@@ -46,6 +46,11 @@ def lite_weights_path(variant: str) -> str:
     return getattr(module, class_name).get_model_file_path()
 
 
+# Bumped whenever image_transform's output changes: embedding and trunk-feature caches carry it, so a
+# cache made by an earlier preprocessing is recomputed instead of being mixed with new embeddings.
+PREPROCESS_VERSION = "r1"
+
+
 def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the shorter side, centre-crop a square and scale to [-1, 1].
 

@@ -32,6 +32,12 @@ def test_hit_invalidation_and_corruption(small_gallery, tmp_path, caplog):
     other = OpenClipEncoder("matcher-tiny-vit", seed=7)
     assert not embed_gallery(other, open_gallery(small_gallery), cache).from_cache
 
+    # So does the same model behind another preprocessing version (matcher.towers.PREPROCESS_VERSION).
+    repreprocessed = load_encoder("open_clip:matcher-tiny-vit")
+    repreprocessed.preprocess_version = "next"
+    assert repreprocessed.fingerprint() != encoder.fingerprint()
+    assert not embed_gallery(repreprocessed, open_gallery(small_gallery), cache).from_cache
+
     # Corrupt every entry: detected, reported and rebuilt with the same vectors.
     for path in cache.root.glob("*.npz"):
         data = bytearray(path.read_bytes())

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from matcher.atomic import atomic_path
 from matcher.paths import cache_dir
-from matcher.towers import EfficientNetLiteTower, MiniLMTextTower, image_transform
+from matcher.towers import PREPROCESS_VERSION, EfficientNetLiteTower, MiniLMTextTower, image_transform
 
 
 @dataclass
@@ -76,8 +76,7 @@ def text_trunk_features(tower: MiniLMTextTower, texts: list[str], batch_size: in
 
 def cached_image_features(data: Flickr8k, variant: str, image_size: int, trainable_blocks: int) -> dict[str, np.ndarray]:
     """Per split trunk features ('train' with flips, 'val'/'test' without), computed once."""
-    # "r1": made with image_transform's block-average downscaling; caches made before it are not reused.
-    name = f"{variant}-{image_size}-top{trainable_blocks}-r1"
+    name = f"{variant}-{image_size}-top{trainable_blocks}-{PREPROCESS_VERSION}"
     path = _feature_file(name)
     if path.exists():
         with np.load(path) as z:
