@@ -51,12 +51,30 @@ class Speed:
     images_per_s_range: tuple[float, float]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since its last exec, in MB.
+
+    Why not ``getrusage(...).ru_maxrss``: Linux carries that maximum across ``exec``, and a spawned
+    child is forked from its parent first, so it reported the *parent's* size at spawn time (eval's
+    children showed the eval process's 1-1.7 GB, whichever matcher they loaded). ``VmHWM`` belongs to
+    the address space the child built itself.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if platform.system() == "Darwin" else 1024  # bytes on macOS, kB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
 def measure_footprint(spec: str, image_paths: list[str]) -> Footprint:
     encoder = cached_encoder(spec)
     encoder.encode_texts(PROBE_QUERIES[:1])
     encoder.encode_images([load_rgb(p) for p in image_paths[:8]], batch_size=8)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return Footprint(encoder.num_params(), encoder.size_mb(), peak_kb / 1024)
+    return Footprint(encoder.num_params(), encoder.size_mb(), peak_rss_mb())
 
 
 def measure_speeds(specs: list[str], image_paths: list[str], rounds: int = 5, queries: int = 10,

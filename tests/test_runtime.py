@@ -57,3 +57,15 @@ def test_transform_keeps_native_size_pixels_and_centre_crops_others():
     y = image_transform(64)(Image.fromarray(wide)).numpy()
     assert y.shape == (3, 64, 64)
     assert y[:, :, 4:-4].min() > 0.9
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="Linux /proc")
+def test_a_spawned_measuring_child_reports_its_own_peak_memory_not_its_parents():
+    from matcher.evaluate import _in_child, peak_rss_mb
+
+    ballast = np.ones(2**30 // 8)  # 1 GB resident in this (the parent) process
+    parent = peak_rss_mb()
+    child = _in_child(peak_rss_mb)
+    assert parent > 1024
+    assert child < parent - 512  # ru_maxrss would have reported at least the parent's size
+    del ballast
