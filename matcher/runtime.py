@@ -7,7 +7,7 @@ maps of tens of MB per layer, so with those defaults every forward pass page-fau
 newly mapped, zero-filled memory. How often depends on where the dynamic threshold happens to sit,
 which made timings bimodal on this project's VM: the teacher's batch of 8 images ran in 6 ms/image
 or in 10-15 ms/image from one process to the next, and the teacher/student throughput ratio swung
-from 4x to 10x with it (measured; see README "How speed is measured").
+from 4x to 10x with it (measured: README "Results", `bench/image_speed_options.py`).
 
 ``keep_freed_memory`` raises both thresholds to 1 GiB, so freed activation memory stays in the
 process and is reused by the next pass. The cost is that the resident size stays at its high-water
