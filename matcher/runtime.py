@@ -5,9 +5,9 @@ to 32 MB) with a fresh ``mmap`` and gives it back to the kernel on free; it also
 the heap once more than 128 kB there is free. A convolutional tower allocates and frees activation
 maps of tens of MB per layer, so with those defaults every forward pass page-faults its way through
 newly mapped, zero-filled memory. How often depends on where the dynamic threshold happens to sit,
-which made timings bimodal on this project's VM: the teacher's batch of 8 images ran in 6 ms/image
-or in 10-15 ms/image from one process to the next, and the teacher/student throughput ratio swung
-from 4x to 10x with it (measured: README "Results", `bench/image_speed_options.py`).
+which made timings bimodal on this project's VM: the teacher's image throughput at batch 8 was
+62-63 images/s under the defaults and 147-168 with this setting, and the teacher/student ratio
+9.1-9.9x against 3.6-4.5x (measured: README "Results", `bench/image_speed_options.py`).
 
 ``keep_freed_memory`` raises both thresholds to 1 GiB, so freed activation memory stays in the
 process and is reused by the next pass. The cost is that the resident size stays at its high-water
