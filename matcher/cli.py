@@ -197,6 +197,9 @@ def _student_args(p: argparse.ArgumentParser) -> None:
                  "distill_weight", "embed_weight", "wsd_eps"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
     p.add_argument("--image-variant", dest="image_variant")
+    p.add_argument("--skip-blocks", dest="skip_blocks",
+                   help="residual image-tower blocks to leave out, e.g. 6,7,9,10,12,13 (then --cached-blocks and "
+                        "--finetune-blocks count the remaining blocks)")
     p.add_argument("--teacher-scores", dest="teacher_scores",
                    help="'dual' (default) or a trained alignment scorer (assets/models/fine/...) to distil")
     p.add_argument("--threads", type=int, help="torch threads for training (e.g. 1 on a shared CPU)")

@@ -86,6 +86,32 @@ def test_fold_batchnorm_keeps_the_output_and_removes_every_bn():
     assert tower.fold_batchnorm() is tower  # a second call changes nothing
 
 
+def test_skipped_blocks_make_a_smaller_tower_that_round_trips(tmp_path):
+    from matcher.towers import EfficientNetLiteTower
+
+    with pytest.raises(ValueError, match=r"skip_blocks \[5\]: only residual blocks .* \[2, 4, 6, 7, 9, 10, 12, 13, 14\]"):
+        EfficientNetLiteTower("efficientnet-lite0", 64, skip_blocks=[5])  # 40 -> 80 channels: cannot go
+    full = EfficientNetLiteTower("efficientnet-lite0", 64)
+    kept = caption_vocabulary(CAPTIONS, min_count=1)
+    recipe = StudentRecipe(image_size=64, text_dim=32, text_layers=2, text_heads=2, skip_blocks="13,6,7",
+                           cached_blocks=2, finetune_blocks=2)
+    config = recipe.model_config(len(kept))
+    assert config["image_tower"]["skip_blocks"] == [6, 7, 13]
+    assert "skip_blocks" not in StudentRecipe(image_size=64).model_config(len(kept))["image_tower"]
+    module = DualEncoderModule(config).eval()
+    tower = module.image_tower
+    assert len(tower.blocks) == len(full.blocks) - 3 and tower.split == len(tower.blocks) - 2
+    assert sum(p.numel() for p in tower.parameters()) < sum(p.numel() for p in full.parameters())
+    path = tmp_path / "slim.pt"
+    save_checkpoint(module, config, path)
+    restored = load_checkpoint(path)
+    image = Image.new("RGB", (64, 64), (30, 160, 60))
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(module.image_embed(restored.preprocess(image)[None]), dim=-1).numpy()
+    assert len(restored.module.image_tower.blocks) == len(tower.blocks)
+    assert np.allclose(restored.encode_images([image]), ref, atol=2e-3)
+
+
 def test_parse_variant_and_ratios():
     assert parse_variant("wsd") == ("wsd", {"loss": "wsd"})
     assert parse_variant("mse+embed")[1] == {"loss": "mse", "embed_weight": 1.0}
@@ -131,6 +157,10 @@ def test_resumed_ablation_rebuilds_the_same_rows(tmp_path):
                          ("params", "size_mb", "text_query_ms", "images_per_s")}}, teacher)
     assert again == rows[0]
     assert _finished_variants(results, StudentRecipe(epochs=3), tmp_path) == {}  # another budget: nothing reused
+    older = {k: v for k, v in asdict(base).items() if k != "skip_blocks"}  # a run from before that field existed
+    write_ablation(results, rows, {"recipe": older})
+    assert set(_finished_variants(results, base, tmp_path)) == {"wsd"}
+    assert _finished_variants(results, StudentRecipe(epochs=2, skip_blocks="6"), tmp_path) == {}
 
 
 @pytest.mark.slow

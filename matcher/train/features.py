@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -74,14 +75,16 @@ def text_trunk_features(tower: MiniLMTextTower, texts: list[str], batch_size: in
     return np.concatenate(chunks), offsets
 
 
-def cached_image_features(data: Flickr8k, variant: str, image_size: int, trainable_blocks: int) -> dict[str, np.ndarray]:
+def cached_image_features(data: Flickr8k, variant: str, image_size: int, trainable_blocks: int,
+                          skip_blocks: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Per split trunk features ('train' with flips, 'val'/'test' without), computed once."""
-    name = f"{variant}-{image_size}-top{trainable_blocks}-{PREPROCESS_VERSION}"
+    skipped = f"-skip{'.'.join(map(str, sorted(skip_blocks)))}" if skip_blocks else ""
+    name = f"{variant}-{image_size}-top{trainable_blocks}{skipped}-{PREPROCESS_VERSION}"
     path = _feature_file(name)
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    tower = EfficientNetLiteTower(variant, image_size, trainable_blocks)
+    tower = EfficientNetLiteTower(variant, image_size, trainable_blocks, skip_blocks)
     feats = {}
     for split in ("train", "val", "test"):
         idx = data.indices(split)

@@ -52,6 +52,9 @@ class StudentRecipe:
     wsd_eps: float = 0.5
     image_variant: str = "efficientnet-lite0"
     image_size: int = 112
+    # Residual Lite0 blocks left out of the image tower ("6,7,9"; EfficientNetLiteTower.skip_blocks);
+    # cached_blocks / finetune_blocks then count the blocks that remain.
+    skip_blocks: str = ""
     cached_blocks: int = 1       # the last MBConv block + conv head run per step (CPU budget)
     finetune_blocks: int = 1
     text_dim: int = 128
@@ -77,10 +80,16 @@ class StudentRecipe:
     # measures how far each student tower alone falls short; the checkpoint is then half a model.
     teacher_side: str = "none"
 
+    def skipped_blocks(self) -> tuple[int, ...]:
+        return tuple(sorted(int(i) for i in self.skip_blocks.split(",") if i.strip()))
+
     def model_config(self, vocab_size: int, finetune: bool = True) -> dict:
+        image = {"type": "efficientnet-lite", "variant": self.image_variant, "image_size": self.image_size,
+                 "trainable_blocks": self.finetune_blocks if finetune else self.cached_blocks}
+        if self.skipped_blocks():  # only then, so configs (and fingerprints) of full towers are unchanged
+            image["skip_blocks"] = list(self.skipped_blocks())
         return {
-            "image_tower": {"type": "efficientnet-lite", "variant": self.image_variant, "image_size": self.image_size,
-                            "trainable_blocks": self.finetune_blocks if finetune else self.cached_blocks},
+            "image_tower": image,
             "text_tower": {"type": "tiny-text", "vocab_size": vocab_size, "dim": self.text_dim,
                            "layers": self.text_layers, "heads": self.text_heads, "dropout": self.text_dropout},
             "embed_dim": self.embed_dim,
@@ -198,7 +207,8 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
         print(f"alignment teacher scores, calibrated scale {teacher_scale:.2f}", flush=True)
 
     module, vocab_info = build_student(recipe, data)
-    image_feats = cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks)
+    image_feats = cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks,
+                                        recipe.skipped_blocks())
     text_feats = caption_id_features(data, module)
     train = CachedSplit.from_features(image_feats, text_feats, "train")
     val = CachedSplit.from_features(image_feats, text_feats, "val")
@@ -335,7 +345,8 @@ def _finished_variants(results: Path, base: StudentRecipe, out_dir: Path) -> dic
     if not results.exists():
         return {}
     earlier = json.loads(results.read_text())
-    if earlier.get("recipe") != asdict(base):
+    # Recipe fields added since that run take their defaults, which is what that run did.
+    if {**asdict(StudentRecipe()), **earlier.get("recipe", {})} != asdict(base):
         return {}
     done = {}
     for row in earlier.get("rows", []):
@@ -389,7 +400,8 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
         trained = train_student(data_root, ckpt, recipe, progress=False)
         module = load_checkpoint(ckpt).module
         test = CachedSplit.from_features(
-            cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks),
+            cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks,
+                                        recipe.skipped_blocks()),
             caption_id_features(data, module), split)
         result = {**cached_metrics(module, test), **{k: pending[k] for k in ("params", "text_query_ms", "images_per_s")},
                   "size_mb": float("nan")}
