@@ -191,7 +191,7 @@ def _student_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Flickr8k folder with captions.jsonl and images/")
     p.add_argument("--teacher", help="teacher checkpoint whose similarities are distilled")
     for name in ("epochs", "caption_passes", "batch_size", "finetune_blocks", "cached_blocks", "image_size", "text_dim", "text_layers",
-                 "text_heads", "vocab_min_count", "seed", "embed_dim"):
+                 "text_heads", "vocab_min_count", "seed", "embed_dim", "crop_views"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
     for name in ("lr", "tower_lr", "weight_decay", "head_dropout", "text_dropout", "contrastive_weight",
                  "distill_weight", "embed_weight", "wsd_eps"):

@@ -177,3 +177,31 @@ def test_bundled_student_is_registered_small_and_retrieves(small_gallery, tmp_pa
     metrics = evaluate_embeddings(embed_gallery(student, open_gallery(small_gallery), cache=ArrayCache(tmp_path)))
     # 12 images: chance t2i R@1 is 8%; the committed student measured 95 / 92 here (teacher 85 / 83).
     assert metrics["t2i"]["R@1"] >= 40 and metrics["i2t"]["R@1"] >= 50
+
+
+def test_crop_views_are_seeded_and_cached_next_to_the_photo_and_its_mirror(tmp_path):
+    from matcher.towers import EfficientNetLiteTower, image_transform
+    from matcher.train.features import crop_boxes, image_trunk_features
+
+    boxes = crop_boxes(50, 3, seed=0)
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    assert boxes.shape == (50, 3, 4) and boxes.min() >= 0 and boxes.max() <= 1
+    assert area.min() >= 0.5 and np.array_equal(boxes, crop_boxes(50, 3, seed=0))  # teacher and student agree
+    assert not np.array_equal(boxes, crop_boxes(50, 3, seed=1))
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(paths[-1])
+    tower = EfficientNetLiteTower("efficientnet-lite0", 64, trainable_blocks=16).eval()  # trunk = stem only
+    feats = image_trunk_features(tower, paths, flip=True, crops=crop_boxes(2, 2, seed=0))
+    assert feats.shape[:2] == (2, 4)  # photo, mirror, 2 crops
+    box = crop_boxes(2, 2, seed=0)[1, 1]  # second photo, second crop: mirrored
+    photo = Image.open(paths[1])
+    w, h = photo.size
+    crop = photo.convert("RGB").crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
+    with torch.no_grad():
+        expected = tower.forward_trunk(image_transform(64)(crop)[None].flip(-1)).numpy()
+    np.testing.assert_allclose(feats[1, 3], expected[0], atol=2e-2)  # float16 cache
+    assert not np.allclose(feats[1, 3], feats[1, 0], atol=2e-2)

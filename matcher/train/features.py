@@ -1,6 +1,6 @@
 """Cache the frozen trunks' outputs on the training data so CPU training only runs the tops.
 
-Image trunk outputs are stored per view (original and horizontally flipped), text trunk outputs
+Image trunk outputs are stored per view (original, horizontally flipped, optional crops), text trunk outputs
 as ragged token states (concatenated tokens + offsets) to avoid storing padding.
 """
 from __future__ import annotations
@@ -43,17 +43,47 @@ def _feature_file(name: str) -> Path:
     return cache_dir() / "features" / f"{name}.npz"
 
 
+def crop_boxes(n_images: int, crops: int, seed: int = 0) -> np.ndarray:
+    """[n_images, crops, 4] relative crop boxes (x0, y0, x1, y1), the same for every model.
+
+    Area 50-100 % of the photo, aspect 3:4 to 4:3. Milder than ImageNet's random-resized crops
+    (8-100 %) because a caption describes the whole scene. Seeded, so the teacher's and the
+    student's caches crop the same regions: each crop view's teacher embedding is the target for
+    the student's view of that same crop ("consistent" distillation).
+    """
+    rng = np.random.default_rng(seed)
+    area = rng.uniform(0.5, 1.0, (n_images, crops))
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), (n_images, crops)))
+    w, h = np.minimum(np.sqrt(area * aspect), 1.0), np.minimum(np.sqrt(area / aspect), 1.0)
+    x0, y0 = rng.uniform(0, 1, (n_images, crops)) * (1 - w), rng.uniform(0, 1, (n_images, crops)) * (1 - h)
+    return np.stack([x0, y0, x0 + w, y0 + h], -1)
+
+
+def _crop(image: Image.Image, box: np.ndarray) -> Image.Image:
+    w, h = image.size
+    return image.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
+
+
 def image_trunk_features(
-    tower: EfficientNetLiteTower, paths: list[Path], flip: bool, batch_size: int = 16, desc: str = "images"
+    tower: EfficientNetLiteTower, paths: list[Path], flip: bool, batch_size: int = 16, desc: str = "images",
+    crops: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Trunk outputs, float16, shape [N, views, C, H, W] (views = 2 when ``flip``)."""
+    """Trunk outputs, float16, shape [N, views, C, H, W].
+
+    Views: the photo; its mirror image when ``flip``; then one view per box of ``crops`` ([N, K, 4],
+    see ``crop_boxes``), every second one mirrored.
+    """
     transform = image_transform(tower.image_size)
     tower = tower.eval().to(memory_format=torch.channels_last)
     out = []
     with torch.inference_mode():
         for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-            x = torch.stack([transform(Image.open(p)) for p in paths[start : start + batch_size]])
+            photos = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
+            x = torch.stack([transform(im) for im in photos])
             views = [x, x.flip(-1)] if flip else [x]
+            for k in range(0 if crops is None else crops.shape[1]):
+                v = torch.stack([transform(_crop(im, crops[start + i, k])) for i, im in enumerate(photos)])
+                views.append(v.flip(-1) if k % 2 else v)
             h = [tower.forward_trunk(v.contiguous(memory_format=torch.channels_last)) for v in views]
             out.append(torch.stack(h, 1).half().numpy())
     return np.concatenate(out)
@@ -76,10 +106,12 @@ def text_trunk_features(tower: MiniLMTextTower, texts: list[str], batch_size: in
 
 
 def cached_image_features(data: Flickr8k, variant: str, image_size: int, trainable_blocks: int,
-                          skip_blocks: Sequence[int] = ()) -> dict[str, np.ndarray]:
-    """Per split trunk features ('train' with flips, 'val'/'test' without), computed once."""
+                          skip_blocks: Sequence[int] = (), crop_views: int = 0) -> dict[str, np.ndarray]:
+    """Per split trunk features, computed once: 'train' with flips (+ ``crop_views`` crops, see
+    ``crop_boxes``), 'val'/'test' the photos alone."""
     skipped = f"-skip{'.'.join(map(str, sorted(skip_blocks)))}" if skip_blocks else ""
-    name = f"{variant}-{image_size}-top{trainable_blocks}{skipped}-{PREPROCESS_VERSION}"
+    cropped = f"-crops{crop_views}" if crop_views else ""
+    name = f"{variant}-{image_size}-top{trainable_blocks}{skipped}{cropped}-{PREPROCESS_VERSION}"
     path = _feature_file(name)
     if path.exists():
         with np.load(path) as z:
@@ -89,7 +121,8 @@ def cached_image_features(data: Flickr8k, variant: str, image_size: int, trainab
     for split in ("train", "val", "test"):
         idx = data.indices(split)
         paths = [data.root / "images" / data.images[i] for i in idx]
-        feats[split] = image_trunk_features(tower, paths, flip=split == "train", desc=f"{name} {split}")
+        crops = crop_boxes(len(idx), crop_views) if split == "train" and crop_views else None
+        feats[split] = image_trunk_features(tower, paths, flip=split == "train", desc=f"{name} {split}", crops=crops)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **feats)

@@ -55,6 +55,9 @@ class StudentRecipe:
     # Residual Lite0 blocks left out of the image tower ("6,7,9"; EfficientNetLiteTower.skip_blocks);
     # cached_blocks / finetune_blocks then count the blocks that remain.
     skip_blocks: str = ""
+    # Extra training views per photo: seeded random crops (features.crop_boxes), each distilled
+    # towards the teacher's embedding of the same crop. 0 = the photo and its mirror image only.
+    crop_views: int = 0
     cached_blocks: int = 1       # the last MBConv block + conv head run per step (CPU budget)
     finetune_blocks: int = 1
     text_dim: int = 128
@@ -103,21 +106,23 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def teacher_targets(data: Flickr8k, teacher_path: str | Path) -> dict[str, np.ndarray]:
+def teacher_targets(data: Flickr8k, teacher_path: str | Path, crop_views: int = 0) -> dict[str, np.ndarray]:
     """The teacher's train image-view and caption embeddings and its logit scale, cached on disk.
 
     Keyed by the checkpoint's content hash, so a retrained teacher never serves stale targets.
     Computed from the teacher's own trunk caches (the same ones its training used).
     """
     teacher_path = Path(teacher_path)
-    path = cache_dir() / "features" / f"teacher-targets-{_file_digest(teacher_path)}.npz"
+    cropped = f"-crops{crop_views}" if crop_views else ""
+    path = cache_dir() / "features" / f"teacher-targets-{_file_digest(teacher_path)}{cropped}.npz"
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     encoder = load_checkpoint(teacher_path)
     module, config = encoder.module, encoder.config
     img_cfg, txt_cfg = config["image_tower"], config["text_tower"]
-    image_feats = cached_image_features(data, img_cfg["variant"], img_cfg["image_size"], img_cfg["trainable_blocks"])
+    image_feats = cached_image_features(data, img_cfg["variant"], img_cfg["image_size"], img_cfg["trainable_blocks"],
+                                        crop_views=crop_views)
     text_feats = cached_text_features(data, txt_cfg["trainable_layers"])
     targets = {"logit_scale": np.array(float(module.logit_scale.exp().clamp(max=100)))}
     for split in ("train", "val"):
@@ -194,7 +199,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     needs_teacher = recipe.loss != "contrastive" or recipe.embed_weight > 0 or recipe.teacher_side != "none"
     targets = None
     if needs_teacher:
-        targets = teacher_targets(data, recipe.teacher)
+        targets = teacher_targets(data, recipe.teacher, recipe.crop_views)
         t_images = torch.from_numpy(targets["train_images"].astype(np.float32))
         t_texts = torch.from_numpy(targets["train_texts"].astype(np.float32))
         teacher_scale = float(targets["logit_scale"])
@@ -208,7 +213,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
 
     module, vocab_info = build_student(recipe, data)
     image_feats = cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks,
-                                        recipe.skipped_blocks())
+                                        recipe.skipped_blocks(), recipe.crop_views)
     text_feats = caption_id_features(data, module)
     train = CachedSplit.from_features(image_feats, text_feats, "train")
     val = CachedSplit.from_features(image_feats, text_feats, "val")
@@ -401,7 +406,7 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
         module = load_checkpoint(ckpt).module
         test = CachedSplit.from_features(
             cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks,
-                                        recipe.skipped_blocks()),
+                                        recipe.skipped_blocks(), recipe.crop_views),
             caption_id_features(data, module), split)
         result = {**cached_metrics(module, test), **{k: pending[k] for k in ("params", "text_query_ms", "images_per_s")},
                   "size_mb": float("nan")}
