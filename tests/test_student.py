@@ -98,6 +98,8 @@ def test_skipped_blocks_make_a_smaller_tower_that_round_trips(tmp_path):
     config = recipe.model_config(len(kept))
     assert config["image_tower"]["skip_blocks"] == [6, 7, 13]
     assert "skip_blocks" not in StudentRecipe(image_size=64).model_config(len(kept))["image_tower"]
+    with pytest.raises(ValueError, match="comma-separated block numbers"):
+        StudentRecipe(skip_blocks="6;7").model_config(len(kept))
     module = DualEncoderModule(config).eval()
     tower = module.image_tower
     assert len(tower.blocks) == len(full.blocks) - 3 and tower.split == len(tower.blocks) - 2

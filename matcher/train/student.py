@@ -84,7 +84,11 @@ class StudentRecipe:
     teacher_side: str = "none"
 
     def skipped_blocks(self) -> tuple[int, ...]:
-        return tuple(sorted(int(i) for i in self.skip_blocks.split(",") if i.strip()))
+        try:
+            return tuple(sorted(int(i) for i in self.skip_blocks.split(",") if i.strip()))
+        except ValueError:
+            raise ValueError(f"skip_blocks must be comma-separated block numbers such as 6,7,9, "
+                             f"not {self.skip_blocks!r}") from None
 
     def model_config(self, vocab_size: int, finetune: bool = True) -> dict:
         image = {"type": "efficientnet-lite", "variant": self.image_variant, "image_size": self.image_size,
