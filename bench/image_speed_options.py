@@ -9,7 +9,7 @@ process), on the bundled test photos:
   ``--repeats`` times, because the defaults' cost differs from one process to the next;
 - batch size: 1, 8 (what eval uses) and 16 (what gallery encoding uses);
 - precision: float32 (what both matchers serve) and bfloat16 autocast, only where the CPU has native
-  bf16 (``torch.backends.mkldnn`` reports it), to show whether lower precision would change the ratio.
+  bf16 (``torch.ops.mkldnn._is_mkldnn_bf16_supported``), to show whether lower precision would change the ratio.
 
     python bench/image_speed_options.py [--repeats 2] [--json assets/results/image-speed-options.json]
 """

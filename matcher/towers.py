@@ -105,9 +105,9 @@ class EfficientNetLiteTower(nn.Module):
         self.variant = variant
         self.image_size = image_size
         self.trainable_blocks = trainable_blocks
-        self.skip_blocks = tuple(sorted(set(skip_blocks)))
+        self.skip_blocks = _checked_skips(net._blocks, tuple(sorted(set(skip_blocks))))
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
-        self.blocks = nn.ModuleList(b for i, b in enumerate(net._blocks) if i not in _checked_skips(net._blocks, self.skip_blocks))
+        self.blocks = nn.ModuleList(b for i, b in enumerate(net._blocks) if i not in self.skip_blocks)
         self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
         self.split = len(self.blocks) - trainable_blocks
         self.folded = False  # see fold_batchnorm
