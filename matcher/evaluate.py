@@ -79,11 +79,20 @@ def measure_footprint(spec: str, image_paths: list[str]) -> Footprint:
 
 def measure_speeds(specs: list[str], image_paths: list[str], rounds: int = 5, queries: int = 10,
                    threads: int | None = None) -> dict[str, Speed]:
-    """``time_interleaved`` for registered matchers / checkpoints, loaded by spec."""
+    """``time_interleaved`` for registered matchers / checkpoints, loaded by spec.
+
+    Specs that share one encoder (``offline-hashed`` encodes with ``offline-student``) are timed once
+    and share the result: timing the same model twice costs minutes and adds nothing.
+    """
     if threads:
         torch.set_num_threads(threads)
-    return time_interleaved({spec: cached_encoder(spec) for spec in specs}, [load_rgb(p) for p in image_paths],
-                            rounds, queries)
+    encoders = {spec: cached_encoder(spec) for spec in specs}
+    first_spec = {}
+    for spec, encoder in encoders.items():
+        first_spec.setdefault(id(encoder), spec)
+    timed = time_interleaved({spec: encoders[spec] for spec in first_spec.values()},
+                             [load_rgb(p) for p in image_paths], rounds, queries)
+    return {spec: timed[first_spec[id(encoder)]] for spec, encoder in encoders.items()}
 
 
 def time_interleaved(encoders: dict[str, Encoder], images: list, rounds: int = 5, queries: int = 10,

@@ -55,12 +55,13 @@ def _from_config(name: str, config: dict) -> Encoder:
         return OpenClipEncoder(config["model"], config.get("pretrained"))
     if kind == "hashed":
         # A hashed matcher encodes queries with its base float encoder; the hash heads act on its
-        # output (``open_matcher`` builds the two-stage search around it).
-        return load_encoder(config["base"])
+        # output (``open_matcher`` builds the two-stage search around it). The base's memoised
+        # instance: a preset with student and hashed roles holds one student, not two.
+        return cached_encoder(config["base"])
     if kind == "fine-rerank":
         # Likewise: queries are encoded by the base (teacher); the shortlist is re-scored region x word
         # by ``matcher.finegrained.search``.
-        return load_encoder(config["base"])
+        return cached_encoder(config["base"])
     raise ValueError(f"model config {name!r} has unknown type {kind!r} "
                      "(expected 'towers', 'open_clip', 'hashed' or 'fine-rerank')")
 

@@ -72,3 +72,21 @@ def test_teacher_finds_the_described_photo(small_gallery):
         matcher.search_text("   ")
     with pytest.raises(QueryError, match="under 500"):
         matcher.search_text("dog " * 200)
+
+
+def test_matchers_sharing_an_encoder_are_timed_once(monkeypatch, small_gallery):
+    """offline-hashed encodes with offline-student: one instance in memory, one timing, both reported."""
+    from matcher import evaluate
+
+    assert cached_encoder("offline-hashed") is cached_encoder("offline-student")
+    timed = []
+
+    def fake_time_interleaved(encoders, images, rounds, queries):
+        timed.append(sorted(encoders))
+        return {name: evaluate.Speed(float(i + 1), 10.0 * (i + 1), (0, 0), (0, 0)) for i, name in enumerate(encoders)}
+
+    monkeypatch.setattr(evaluate, "time_interleaved", fake_time_interleaved)
+    images = [str(p) for p in sorted(small_gallery.glob("*.jpg"))[:2]]
+    speeds = evaluate.measure_speeds(["offline-student", "offline-hashed"], images)
+    assert timed == [["offline-student"]]
+    assert speeds["offline-hashed"] == speeds["offline-student"]

@@ -362,3 +362,18 @@ def test_fine_rerank_matcher_reorders_only_the_teacher_shortlist(small_gallery, 
     assert [h.name for h in fine.more_like(gallery.names[0]).hits] == [h.name for h in fine.base.more_like(gallery.names[0]).hits]
     with pytest.raises(QueryError):
         fine.search_text("   ")
+
+
+def test_teacher_heads_from_the_loaded_teacher_equal_those_from_its_checkpoint():
+    """The dashboard takes the heads from the teacher it already holds instead of re-reading the file."""
+    from matcher.finegrained.features import teacher_heads
+    from matcher.models import cached_encoder
+    from matcher.paths import REPO_ROOT
+
+    from_file = teacher_heads(REPO_ROOT / "assets/models/offline-teacher.pt")
+    from_module = teacher_heads(cached_encoder("offline-teacher").module)
+    for a, b in zip(from_file[:2], from_module[:2]):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert from_file[2] == pytest.approx(from_module[2])
+    with pytest.raises(ValueError, match="towers dual encoder as its base"):
+        teacher_heads(torch.nn.Linear(2, 2))

@@ -105,9 +105,15 @@ def fine_features(data: Flickr8k, teacher: str | Path = DEFAULT_TEACHER) -> dict
         return {s: FineSplit(z[f"{s}_regions"], z[f"{s}_tokens"], z[f"{s}_offsets"]) for s in SPLITS}
 
 
-def teacher_heads(teacher: str | Path = DEFAULT_TEACHER) -> tuple[torch.nn.Linear, torch.nn.Linear, float]:
-    """Copies of the teacher's projection heads (1280->256, 384->256) and its logit scale."""
-    module = load_checkpoint(teacher).module
+def teacher_heads(teacher: str | Path | torch.nn.Module = DEFAULT_TEACHER) -> tuple[torch.nn.Linear, torch.nn.Linear, float]:
+    """Copies of the teacher's projection heads (1280->256, 384->256) and its logit scale.
+
+    ``teacher`` is a checkpoint path, or the already loaded dual-encoder module (the dashboard holds
+    the teacher anyway; reading its 100 MB checkpoint a second time only for two heads was waste).
+    """
+    module = teacher if isinstance(teacher, torch.nn.Module) else load_checkpoint(teacher).module
+    if not (hasattr(module, "image_head") and hasattr(module, "text_head")):
+        raise ValueError(f"the fine re-ranker needs a towers dual encoder as its base, not {type(module).__name__}")
     image_head, text_head = module.image_head[-1], module.text_head[-1]
     return (_copy_linear(image_head), _copy_linear(text_head), float(module.logit_scale.detach().exp().clamp(max=100)))
 

@@ -132,18 +132,8 @@ def open_fine_matcher(name: str, config: dict, gallery: Gallery) -> FineRerankMa
     base = Matcher(cached_encoder(config["base"]), gallery)
     scorer_path = Path(config["scorer"])
     scorer_path = scorer_path if scorer_path.is_absolute() else REPO_ROOT / scorer_path
-    image_head, text_head, _ = teacher_heads(_checkpoint_of(config["base"]))
+    image_head, text_head, _ = teacher_heads(base.encoder.module)
     scorer, _, _ = load_scorer(scorer_path, image_head, text_head)
     return FineRerankMatcher(base, scorer, config.get("fuse"), int(config.get("candidates", DEFAULT_CANDIDATES)),
                              name=name)
 
-
-def _checkpoint_of(spec: str) -> Path:
-    """The teacher checkpoint behind a registered towers spec (the heads the scorer starts from)."""
-    from matcher.models import registered_models
-    from matcher.paths import REPO_ROOT
-
-    config = registered_models().get(spec, {})
-    if "checkpoint" not in config:
-        raise ValueError(f"the fine re-ranker needs a towers checkpoint as its base, not {spec!r}")
-    return REPO_ROOT / config["checkpoint"]
