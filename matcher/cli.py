@@ -6,7 +6,6 @@ matchers, train the models.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -98,15 +97,17 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def format_table(matchers: dict[str, dict]) -> str:
-    head = f"{'matcher':<14}{'t2i R@1':>8}{'R@5':>7}{'R@10':>7}{'i2t R@1':>9}{'R@5':>7}{'R@10':>7}{'rsum':>8}" \
-           f"{'params':>9}{'MB':>8}{'txt ms':>8}{'img/s':>8}"
-    rows = [head, "-" * len(head)]
-    for name, m in matchers.items():
-        t, i = m["t2i"], m["i2t"]
-        rows.append(f"{name:<14}{t['R@1']:8.1f}{t['R@5']:7.1f}{t['R@10']:7.1f}{i['R@1']:9.1f}{i['R@5']:7.1f}"
-                    f"{i['R@10']:7.1f}{m['rsum']:8.1f}{m['params'] / 1e6:8.1f}M{m['size_mb']:8.1f}"
-                    f"{m['text_query_ms']:8.1f}{m['images_per_s']:8.1f}")
-    return "\n".join(rows)
+    from matcher.texttable import text_table
+
+    rows = [{"matcher": name, **m} for name, m in matchers.items()]
+    return text_table(rows, [
+        ("matcher", "matcher", "<14"),
+        ("t2i R@1", lambda m: m["t2i"]["R@1"], "8.1f"), ("R@5", lambda m: m["t2i"]["R@5"], "7.1f"),
+        ("R@10", lambda m: m["t2i"]["R@10"], "7.1f"),
+        ("i2t R@1", lambda m: m["i2t"]["R@1"], "9.1f"), ("R@5", lambda m: m["i2t"]["R@5"], "7.1f"),
+        ("R@10", lambda m: m["i2t"]["R@10"], "7.1f"), ("rsum", "rsum", "8.1f"),
+        ("params", lambda m: f"{m['params'] / 1e6:.1f}M", ">9"), ("MB", "size_mb", "8.1f"),
+        ("txt ms", "text_query_ms", "8.1f"), ("img/s", "images_per_s", "8.1f")])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -89,3 +89,13 @@ def test_shipped_file_shapes_are_plotted(tmp_path):
     bench = tradeoff_points(res, "search latency at N (ms)", "recall@10 vs exact search").points
     assert bench["label"].tolist() == ["float-flat @ N=1,000", "binary+rerank C=100 @ N=1,000,000"]
     assert bench["speed"].tolist() == [0.01, 0.6]
+
+
+def test_text_table_aligns_headers_with_their_columns():
+    from matcher.texttable import text_table
+
+    table = text_table([{"name": "a", "x": 1.25, "n": 3}, {"name": "bcd", "x": 10.0, "n": 12}],
+                       [("name", "name", "<5"), ("x", "x", "7.2f"), ("2n", lambda r: 2 * r["n"], "4d")])
+    assert table.splitlines() == ["name       x  2n", "----------------", "a       1.25   6", "bcd    10.00  24"]
+    with pytest.raises(ValueError, match="must start with a width"):
+        text_table([], [("x", "x", ".2f")])

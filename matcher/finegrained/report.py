@@ -168,9 +168,8 @@ def _previous(path: Path) -> dict:
 
 
 def format_table(records: list[dict]) -> str:
-    head = f"{'tier':<34}{'val':>8}{'test':>8}{'t2i@1':>7}{'i2t@1':>7}{'pair us':>9}{'query ms':>9}"
-    rows = [head, "-" * len(head)]
-    for r in records:
-        rows.append(f"{r['name']:<34}{r['val_rsum']:8.2f}{r['rsum']:8.2f}{r['t2i_R@1']:7.2f}{r['i2t_R@1']:7.2f}"
-                    f"{r['pair_us']:9.3f}{r['text_query_ms']:9.2f}")
-    return "\n".join(rows)
+    from matcher.texttable import text_table
+
+    return text_table(records, [("tier", "name", "<34"), ("val", "val_rsum", "8.2f"), ("test", "rsum", "8.2f"),
+                                ("t2i@1", "t2i_R@1", "7.2f"), ("i2t@1", "i2t_R@1", "7.2f"), ("pair us", "pair_us", "9.3f"),
+                                ("query ms", "text_query_ms", "9.2f")])

@@ -73,12 +73,11 @@ def cmd_train_hash(args: argparse.Namespace) -> None:
 
 
 def format_comparison(records: list[dict]) -> str:
-    head = f"{'method':<6}{'bits':>5}{'C':>5}{'cand.rec':>9}{'t2i R@1':>8}{'R@5':>7}{'R@10':>7}{'rsum':>8}"
-    rows = [head, "-" * len(head)]
-    for r in records:
-        rows.append(f"{r['method']:<6}{r['bits']:5d}{r['candidates']:5d}{r['candidate_recall']:9.4f}"
-                    f"{r['t2i_R@1']:8.1f}{r['t2i_R@5']:7.1f}{r['t2i_R@10']:7.1f}{r['rsum']:8.1f}")
-    return "\n".join(rows)
+    from matcher.texttable import text_table
+
+    return text_table(records, [("method", "method", "<6"), ("bits", "bits", "5d"), ("C", "candidates", "5d"),
+                                ("cand.rec", "candidate_recall", "9.4f"), ("t2i R@1", "t2i_R@1", "8.1f"),
+                                ("R@5", "t2i_R@5", "7.1f"), ("R@10", "t2i_R@10", "7.1f"), ("rsum", "rsum", "8.1f")])
 
 
 def is_hashed(spec: str) -> bool:
