@@ -207,3 +207,48 @@ def test_crop_views_are_seeded_and_cached_next_to_the_photo_and_its_mirror(tmp_p
         expected = tower.forward_trunk(image_transform(64)(crop)[None].flip(-1)).numpy()
     np.testing.assert_allclose(feats[1, 3], expected[0], atol=2e-2)  # float16 cache
     assert not np.allclose(feats[1, 3], feats[1, 0], atol=2e-2)
+
+
+def test_best_on_val_keeps_the_earliest_best_weights_and_restores_them():
+    from matcher.train.selection import BestOnVal
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    best = BestOnVal(layer)
+    with pytest.raises(RuntimeError, match="no validation entry"):
+        best.restore()
+    for epoch, (weight, rsum) in enumerate([(1.0, 10.0), (2.0, 30.0), (3.0, 30.0), (4.0, 20.0)], 1):
+        layer.weight.data.fill_(weight)
+        best.record({"epoch": epoch, "val_rsum": rsum})
+    assert [h["epoch"] for h in best.history] == [1, 2, 3, 4]
+    assert best.restore()["epoch"] == 2 and layer.weight.item() == 2.0
+
+
+def test_teacher_phases_record_every_val_check_and_restore_the_best():
+    """The teacher's two training phases on tiny random cached features: plumbing of BestOnVal."""
+    import numpy as np
+
+    from matcher.train.pairs import CachedSplit
+    from matcher.train.selection import BestOnVal
+    from matcher.train.teacher import TeacherRecipe, _training_module, cached_metrics, finetune, probe_heads
+
+    torch.manual_seed(0)
+    recipe = TeacherRecipe(image_variant="efficientnet-lite0", image_size=64, cached_blocks=1, finetune_blocks=1,
+                           cached_layers=1, finetune_layers=1, probe_epochs=3, epochs=2, batch_size=8, embed_dim=16)
+    module = _training_module(recipe)
+    trunk = module.image_tower.forward_trunk(torch.zeros(1, 3, 64, 64))
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> CachedSplit:
+        images = rng.standard_normal((n, 2, *trunk.shape[1:])).astype(np.float16)
+        lengths = rng.integers(3, 7, 5 * n)
+        tokens = rng.standard_normal((int(lengths.sum()), 384)).astype(np.float16)
+        return CachedSplit(images, tokens, np.concatenate([[0], np.cumsum(lengths)]))
+
+    train, val = split(16), split(8)
+    best = BestOnVal(module)
+    probe_heads(module, train, val, recipe, rng, best)
+    finetune(module, train, val, recipe, rng, best)
+    assert [h["phase"] for h in best.history] == ["probe", "finetune", "finetune"]
+    chosen = best.restore()
+    assert chosen["val_rsum"] == max(h["val_rsum"] for h in best.history)
+    assert cached_metrics(module, val)["rsum"] == pytest.approx(chosen["val_rsum"])

@@ -12,7 +12,6 @@ the cross-encoder's logits T being used as they are.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from matcher.finegrained.evaluate import encode_split, full_scores, rerank_metri
 from matcher.finegrained.features import FineSplit
 from matcher.losses import ContrastiveLoss, ListNetLoss
 from matcher.metrics import retrieval_metrics
+from matcher.train.selection import BestOnVal
 
 
 @dataclass
@@ -69,7 +69,7 @@ def train_cross(cross, train: FineSplit, dual_train: np.ndarray, val: FineSplit,
     params = [p for p in cross.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.1)
-    history, best, best_state, losses, began = [], -1.0, None, [], time.time()
+    best, losses, began = BestOnVal(cross), [], time.time()
     k = recipe.negatives + 1
     for step in range(1, recipe.steps + 1):
         cross.train()
@@ -88,15 +88,12 @@ def train_cross(cross, train: FineSplit, dual_train: np.ndarray, val: FineSplit,
         losses.append(float(loss.detach()))
         if step % recipe.eval_every == 0 or step == recipe.steps:
             m = _rerank_val(cross, val, dual_val, recipe.candidates)
-            history.append({"step": step, "loss": float(np.mean(losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
-                            "val": m, "seconds": round(time.time() - began, 1)})
-            log(f"[cross] step {step}  loss {history[-1]['loss']:.4f}  val rsum (re-rank C={recipe.candidates}) "
+            best.record({"step": step, "loss": float(np.mean(losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
+                         "val": m, "seconds": round(time.time() - began, 1)})
+            log(f"[cross] step {step}  loss {best.history[-1]['loss']:.4f}  val rsum (re-rank C={recipe.candidates}) "
                 f"{m['rsum']:.2f}  ({time.time() - began:.0f}s)")
-            if m["rsum"] > best:
-                best, best_state = m["rsum"], copy.deepcopy(cross.state_dict())
-    cross.load_state_dict(best_state)
-    chosen = max(history, key=lambda h: h["val_rsum"])
-    return {"history": history, "best_step": chosen["step"], "val": chosen["val"]}
+    chosen = best.restore()
+    return {"history": best.history, "best_step": chosen["step"], "val": chosen["val"]}
 
 
 def decomposition_loss(decomposed, cross, train: FineSplit, rows: np.ndarray, captions: np.ndarray,
@@ -122,7 +119,7 @@ def train_decomposed(decomposed, cross, train: FineSplit, val: FineSplit, recipe
     optimizer = torch.optim.AdamW(params, lr=recipe.decomp_lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.decomp_lr, total_steps=recipe.decomp_steps,
                                                     pct_start=0.1)
-    history, best, best_state, losses, began = [], -1.0, None, [], time.time()
+    best, losses, began = BestOnVal(decomposed), [], time.time()
     for step in range(1, recipe.decomp_steps + 1):
         decomposed.train()
         rows = rng.choice(len(train), recipe.decomp_batch, replace=False)
@@ -136,12 +133,9 @@ def train_decomposed(decomposed, cross, train: FineSplit, val: FineSplit, recipe
         if step % recipe.eval_every == 0 or step == recipe.decomp_steps:
             enc = encode_split(decomposed, val)
             m = retrieval_metrics(full_scores(decomposed, enc, chunk=5000), val.caption_image)
-            history.append({"step": step, "loss": float(np.mean(losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
-                            "val": m, "seconds": round(time.time() - began, 1)})
-            log(f"[decomposed] step {step}  loss {history[-1]['loss']:.4f}  val rsum {m['rsum']:.2f}  "
+            best.record({"step": step, "loss": float(np.mean(losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
+                         "val": m, "seconds": round(time.time() - began, 1)})
+            log(f"[decomposed] step {step}  loss {best.history[-1]['loss']:.4f}  val rsum {m['rsum']:.2f}  "
                 f"({time.time() - began:.0f}s)")
-            if m["rsum"] > best:
-                best, best_state = m["rsum"], copy.deepcopy(decomposed.state_dict())
-    decomposed.load_state_dict(best_state)
-    chosen = max(history, key=lambda h: h["val_rsum"])
-    return {"history": history, "best_step": chosen["step"], "val": chosen["val"]}
+    chosen = best.restore()
+    return {"history": best.history, "best_step": chosen["step"], "val": chosen["val"]}

@@ -12,7 +12,6 @@ re-ranker, exhaustive rsum for a late-interaction (code) scorer.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from matcher.finegrained.features import FineSplit
 from matcher.finegrained.scorers import AlignmentScorer, CodeScorer
 from matcher.losses import ContrastiveLoss, ListNetLoss, TripletHingeLoss
 from matcher.metrics import retrieval_metrics
+from matcher.train.selection import BestOnVal
 
 FORMAT = "matcher-fine-scorer/1"
 
@@ -94,9 +94,9 @@ def train_scorer(scorer, train: FineSplit, val: FineSplit, dual_val: np.ndarray,
     if teacher is not None:
         teacher.eval()
     start = val_metrics(scorer, val, dual_val, recipe)
-    history = [{"epoch": 0, "val_rsum": start["rsum"], "val": start}]
+    best = BestOnVal(scorer)
+    best.record({"epoch": 0, "val_rsum": start["rsum"], "val": start})
     log(f"[{recipe.tier}] epoch 0 (init)  val rsum {start['rsum']:.2f}")
-    best, best_state = start["rsum"], copy.deepcopy(scorer.state_dict())
     for epoch in range(1, recipe.epochs + 1):
         scorer.train()
         began, losses = time.time(), []
@@ -116,15 +116,12 @@ def train_scorer(scorer, train: FineSplit, val: FineSplit, dual_val: np.ndarray,
             scheduler.step()
             losses.append(float(loss.detach()))
         metrics = val_metrics(scorer, val, dual_val, recipe)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_rsum": metrics["rsum"], "val": metrics,
-                        "seconds": round(time.time() - began, 1)})
+        best.record({"epoch": epoch, "loss": float(np.mean(losses)), "val_rsum": metrics["rsum"], "val": metrics,
+                     "seconds": round(time.time() - began, 1)})
         log(f"[{recipe.tier}] epoch {epoch}  loss {np.mean(losses):.4f}  val rsum {metrics['rsum']:.2f}  "
             f"({time.time() - began:.0f}s)")
-        if metrics["rsum"] > best:
-            best, best_state = metrics["rsum"], copy.deepcopy(scorer.state_dict())
-    scorer.load_state_dict(best_state)
-    chosen = max(history, key=lambda h: h["val_rsum"])
-    return {"recipe": asdict(recipe), "history": history, "best_epoch": chosen["epoch"], "val": chosen["val"]}
+    chosen = best.restore()
+    return {"recipe": asdict(recipe), "history": best.history, "best_epoch": chosen["epoch"], "val": chosen["val"]}
 
 
 def save_scorer(path: str | Path, scorer, recipe: FineRecipe, metadata: dict | None = None) -> None:

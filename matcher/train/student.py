@@ -13,7 +13,6 @@ where L_embed = mean(1 - cos(student, teacher)) over the batch's image and capti
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from matcher.paths import cache_dir
 from matcher.student_towers import caption_vocabulary, init_from_minilm
 from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
+from matcher.train.selection import BestOnVal
 from matcher.train.teacher import _set_train_mode, cached_metrics, embed_split
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     kwargs = {"eps": recipe.wsd_eps} if recipe.loss == "wsd" else {}
     objective = DistillationObjective(recipe.loss, recipe.contrastive_weight, recipe.distill_weight, **kwargs)
 
-    history, best, best_state = [], -1.0, None
+    best = BestOnVal(module)
     for epoch in range(1, recipe.epochs + 1):
         _set_train_mode(module)
         started, totals = time.time(), {}
@@ -267,21 +267,18 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
         metrics = _val_metrics(module, val, recipe.teacher_side, targets)
         entry = {"epoch": epoch, "loss": totals, "val_rsum": metrics["rsum"], "val": metrics,
                  "temperature": float(1 / module.logit_scale.exp()), "seconds": time.time() - started}
-        history.append(entry)
+        best.record(entry)
         print(f"[{recipe.loss}] epoch {epoch:2d}  loss {totals['total']:.3f}  val rsum {metrics['rsum']:.1f}  "
               f"({entry['seconds']:.0f}s)", flush=True)
-        if metrics["rsum"] > best:
-            best, best_state = metrics["rsum"], copy.deepcopy(module.state_dict())
-    module.load_state_dict(best_state)
+    best_epoch = best.restore()
     config = recipe.model_config(vocab_info["vocab_size"])
     final = DualEncoderModule(config)
     final.load_state_dict(module.state_dict())
-    best_epoch = max(history, key=lambda h: h["val_rsum"])
     metadata = {"recipe": asdict(recipe), "best_epoch": best_epoch["epoch"], "val": best_epoch["val"],
                 "vocab": vocab_info, "data": "Flickr8k train, selected on val",
                 "teacher_sha256_16": _file_digest(Path(recipe.teacher)) if needs_teacher else None}
     save_checkpoint(final, config, out, metadata)
-    return {"recipe": asdict(recipe), "history": history, "best_epoch": best_epoch["epoch"],
+    return {"recipe": asdict(recipe), "history": best.history, "best_epoch": best_epoch["epoch"],
             "val": best_epoch["val"], "checkpoint": str(out), **vocab_info}
 
 

@@ -9,7 +9,6 @@ The epoch with the best validation rsum is kept; test numbers come from ``python
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from matcher.losses import ContrastiveLoss
 from matcher.metrics import retrieval_metrics
 from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
+from matcher.train.selection import BestOnVal
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +130,12 @@ def _probe_metrics(module: DualEncoderModule, images: torch.Tensor, texts: torch
     return retrieval_metrics((txt @ img.T).numpy(), caption_image)
 
 
-class _Best:
-    """Tracks the best validation rsum and a copy of the weights that reached it."""
-
-    def __init__(self) -> None:
-        self.rsum, self.state, self.history = -1.0, None, []
-
-    def record(self, module: DualEncoderModule, entry: dict) -> None:
-        self.history.append(entry)
-        print(f"{entry['phase']} epoch {entry['epoch']:2d}  loss {entry['loss']:.3f}  val rsum {entry['val_rsum']:.1f}", flush=True)
-        if entry["val_rsum"] > self.rsum:
-            self.rsum, self.state = entry["val_rsum"], copy.deepcopy(module.state_dict())
+def _log(entry: dict) -> None:
+    print(f"{entry['phase']} epoch {entry['epoch']:2d}  loss {entry['loss']:.3f}  val rsum {entry['val_rsum']:.1f}", flush=True)
 
 
 def probe_heads(module: DualEncoderModule, train: CachedSplit, val: CachedSplit, recipe: TeacherRecipe,
-                rng: np.random.Generator, best: _Best) -> None:
+                rng: np.random.Generator, best: BestOnVal) -> None:
     """Phase 1: heads (and temperature) on pooled frozen features; each epoch uses every caption."""
     train_img, train_txt = embed_split(module, train, project=False)
     val_img, val_txt = embed_split(module, val, project=False)
@@ -165,12 +156,13 @@ def probe_heads(module: DualEncoderModule, train: CachedSplit, val: CachedSplit,
                 losses.append(loss.item())
         if epoch % 3 == 0 or epoch == recipe.probe_epochs:
             metrics = _probe_metrics(module, val_img, val_txt)
-            best.record(module, {"phase": "probe", "epoch": epoch, "loss": float(np.mean(losses)),
-                                 "val_rsum": metrics["rsum"], "val": metrics})
+            best.record({"phase": "probe", "epoch": epoch, "loss": float(np.mean(losses)),
+                         "val_rsum": metrics["rsum"], "val": metrics})
+            _log(best.history[-1])
 
 
 def finetune(module: DualEncoderModule, train: CachedSplit, val: CachedSplit, recipe: TeacherRecipe,
-             rng: np.random.Generator, best: _Best) -> None:
+             rng: np.random.Generator, best: BestOnVal) -> None:
     """Phase 2: fine-tuned tops and heads together from the phase-1 heads."""
     heads = [*module.image_head.parameters(), *module.text_head.parameters(), module.logit_scale]
     head_ids = {id(p) for p in heads}
@@ -196,8 +188,9 @@ def finetune(module: DualEncoderModule, train: CachedSplit, val: CachedSplit, re
             scheduler.step()
             losses.append(loss.item())
         metrics = cached_metrics(module, val)
-        best.record(module, {"phase": "finetune", "epoch": epoch, "loss": float(np.mean(losses)),
-                             "val_rsum": metrics["rsum"], "val": metrics})
+        best.record({"phase": "finetune", "epoch": epoch, "loss": float(np.mean(losses)),
+                     "val_rsum": metrics["rsum"], "val": metrics})
+        _log(best.history[-1])
 
 
 def train_teacher(data_root: str | Path, out: str | Path, recipe: TeacherRecipe) -> dict:
@@ -210,14 +203,14 @@ def train_teacher(data_root: str | Path, out: str | Path, recipe: TeacherRecipe)
     train = CachedSplit.from_features(image_feats, text_feats, "train")
     val = CachedSplit.from_features(image_feats, text_feats, "val")
 
-    module, best = _training_module(recipe), _Best()
+    module = _training_module(recipe)
+    best = BestOnVal(module)
     probe_heads(module, train, val, recipe, rng, best)
-    module.load_state_dict(best.state)
+    best.restore()
     finetune(module, train, val, recipe, rng, best)
-    module.load_state_dict(best.state)
+    chosen = best.restore()
     final = DualEncoderModule(recipe.model_config())
     final.load_state_dict(module.state_dict())
-    chosen = max(best.history, key=lambda h: h["val_rsum"])
     summary = {"phase": chosen["phase"], "epoch": chosen["epoch"], "val": chosen["val"]}
     save_checkpoint(final, recipe.model_config(), out,
                     {"recipe": asdict(recipe), "best": summary, "data": "Flickr8k train, selected on val"})
