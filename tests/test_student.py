@@ -252,3 +252,41 @@ def test_teacher_phases_record_every_val_check_and_restore_the_best():
     chosen = best.restore()
     assert chosen["val_rsum"] == max(h["val_rsum"] for h in best.history)
     assert cached_metrics(module, val)["rsum"] == pytest.approx(chosen["val_rsum"])
+
+
+def tiny_flickr8k(root, splits: dict[str, int]):
+    """A Flickr8k-layout folder (images/ + captions.jsonl with splits) from the bundled test photos."""
+    import json
+    import shutil
+
+    from tests.conftest import BUNDLED, bundled_rows
+
+    rows = bundled_rows(sum(splits.values()))
+    (root / "images").mkdir(parents=True)
+    labels = [name for name, n in splits.items() for _ in range(n)]
+    for row, split in zip(rows, labels):
+        shutil.copy(BUNDLED / "images" / row["image"], root / "images" / row["image"])
+        row["split"] = split
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_train_student_end_to_end_on_a_tiny_flickr8k(tmp_path, monkeypatch):
+    """The whole train-student path on 16/8/4 photos: caches (crops included), teacher targets,
+    distillation epochs, best-on-val selection and a checkpoint that loads and retrieves."""
+    from matcher.dual_encoder import load_checkpoint
+    from matcher.train.student import StudentRecipe, train_student
+
+    monkeypatch.setenv("MATCHER_CACHE_DIR", str(tmp_path / "cache"))
+    data = tiny_flickr8k(tmp_path / "flickr", {"train": 16, "val": 8, "test": 4})
+    recipe = StudentRecipe(loss="listnet", embed_weight=1.0, image_size=64, crop_views=2, cached_blocks=2,
+                           finetune_blocks=2, epochs=3, batch_size=8, lr=3e-3, vocab_min_count=1)
+    result = train_student(data, tmp_path / "student.pt", recipe, progress=False)
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert result["best_epoch"] == max(history, key=lambda h: h["val_rsum"])["epoch"]
+    assert history[-1]["loss"]["total"] < history[0]["loss"]["total"]
+    encoder = load_checkpoint(tmp_path / "student.pt")
+    assert encoder.num_params() < 5_000_000
+    emb = encoder.encode_texts(["a dog runs on the grass", "two people"])
+    assert emb.shape == (2, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)

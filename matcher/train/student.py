@@ -128,7 +128,7 @@ def teacher_targets(data: Flickr8k, teacher_path: str | Path, crop_views: int = 
     image_feats = cached_image_features(data, img_cfg["variant"], img_cfg["image_size"], img_cfg["trainable_blocks"],
                                         crop_views=crop_views)
     text_feats = cached_text_features(data, txt_cfg["trainable_layers"])
-    targets = {"logit_scale": np.array(float(module.logit_scale.exp().clamp(max=100)))}
+    targets = {"logit_scale": np.array(float(module.logit_scale.detach().exp().clamp(max=100)))}
     for split in ("train", "val"):
         images, texts = embed_split(module, CachedSplit.from_features(image_feats, text_feats, split))
         targets[f"{split}_images"], targets[f"{split}_texts"] = images.half().numpy(), texts.half().numpy()
@@ -266,7 +266,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
                 totals[k] = totals.get(k, 0.0) + v / steps_per_epoch
         metrics = _val_metrics(module, val, recipe.teacher_side, targets)
         entry = {"epoch": epoch, "loss": totals, "val_rsum": metrics["rsum"], "val": metrics,
-                 "temperature": float(1 / module.logit_scale.exp()), "seconds": time.time() - started}
+                 "temperature": float(1 / module.logit_scale.detach().exp()), "seconds": time.time() - started}
         best.record(entry)
         print(f"[{recipe.loss}] epoch {epoch:2d}  loss {totals['total']:.3f}  val rsum {metrics['rsum']:.1f}  "
               f"({entry['seconds']:.0f}s)", flush=True)
