@@ -69,3 +69,33 @@ def test_broken_files_are_skipped_and_reported(small_gallery, tmp_path):
     assert set(skipped) == {"notes.jpg", "dot.png", "pixel.png"}
     assert "print.jpg" in emb.names and len(emb.names) == 13
     assert "too small" in skipped["pixel.png"]
+
+
+def test_training_caches_are_rebuilt_when_corrupted_or_made_from_other_data(tmp_path, monkeypatch, caplog):
+    """Training features (trunk outputs, teacher targets) are cached per Flickr8k copy, checksummed."""
+    from matcher.train.features import Flickr8k, cached_arrays
+    from tests.test_student import tiny_flickr8k
+
+    monkeypatch.setenv("MATCHER_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def build(value: float):
+        def _build():
+            calls.append(value)
+            return {"x": np.full((3, 2), value, np.float32)}
+        return _build
+
+    first = Flickr8k.load(tiny_flickr8k(tmp_path / "a", {"train": 2, "val": 1, "test": 1}))
+    assert cached_arrays("feats", first, build(1.0))["x"][0, 0] == 1.0
+    assert cached_arrays("feats", first, build(2.0))["x"][0, 0] == 1.0 and calls == [1.0]   # a hit
+
+    # the same cache name, another copy of the data (other splits): rebuilt, not reused
+    other = Flickr8k.load(tiny_flickr8k(tmp_path / "b", {"train": 3, "val": 1}))
+    assert other.digest != first.digest
+    assert cached_arrays("feats", other, build(3.0))["x"][0, 0] == 3.0 and calls == [1.0, 3.0]
+
+    # a corrupted file: reported and rebuilt
+    (entry,) = (tmp_path / "cache" / "training").glob("feats.npz")
+    entry.write_bytes(entry.read_bytes()[:100])
+    assert cached_arrays("feats", other, build(4.0))["x"][0, 0] == 4.0 and calls == [1.0, 3.0, 4.0]
+    assert "corrupted" in caplog.text

@@ -17,11 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from matcher.atomic import atomic_path
 from matcher.dual_encoder import load_checkpoint
-from matcher.paths import cache_dir
 from matcher.towers import masked_mean
-from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
+from matcher.train.features import Flickr8k, cached_arrays, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
 from matcher.train.student import DEFAULT_TEACHER, _file_digest
 
@@ -87,8 +85,8 @@ def _unpooled(module, split: CachedSplit, batch_size: int = 200) -> dict[str, np
 def fine_features(data: Flickr8k, teacher: str | Path = DEFAULT_TEACHER) -> dict[str, FineSplit]:
     """{split: FineSplit} for train/val/test, computed once per teacher checkpoint and cached."""
     teacher = Path(teacher)
-    path = cache_dir() / "features" / f"fine-{_file_digest(teacher)}.npz"
-    if not path.exists():
+
+    def build() -> dict[str, np.ndarray]:
         encoder = load_checkpoint(teacher)
         module, config = encoder.module.eval(), encoder.config
         img_cfg, txt_cfg = config["image_tower"], config["text_tower"]
@@ -98,11 +96,10 @@ def fine_features(data: Flickr8k, teacher: str | Path = DEFAULT_TEACHER) -> dict
         for s in SPLITS:
             for key, value in _unpooled(module, CachedSplit.from_features(image_feats, text_feats, s)).items():
                 arrays[f"{s}_{key}"] = value
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-    with np.load(path) as z:
-        return {s: FineSplit(z[f"{s}_regions"], z[f"{s}_tokens"], z[f"{s}_offsets"]) for s in SPLITS}
+        return arrays
+
+    z = cached_arrays(f"fine-{_file_digest(teacher)}", data, build)
+    return {s: FineSplit(z[f"{s}_regions"], z[f"{s}_tokens"], z[f"{s}_offsets"]) for s in SPLITS}
 
 
 def teacher_heads(teacher: str | Path | torch.nn.Module = DEFAULT_TEACHER) -> tuple[torch.nn.Linear, torch.nn.Linear, float]:

@@ -5,17 +5,19 @@ as ragged token states (concatenated tokens + offsets) to avoid storing padding.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from matcher.atomic import atomic_path
+from matcher.cache import ArrayCache
 from matcher.paths import cache_dir
 from matcher.towers import PREPROCESS_VERSION, EfficientNetLiteTower, MiniLMTextTower, image_transform
 
@@ -38,9 +40,34 @@ class Flickr8k:
     def indices(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split])
 
+    @cached_property
+    def digest(self) -> str:
+        """Identity of this copy: ``captions.jsonl`` (names, captions, splits) and every photo's size.
 
-def _feature_file(name: str) -> Path:
-    return cache_dir() / "features" / f"{name}.npz"
+        Stored with each training cache, because cache names say which model and preprocessing made
+        the features, not from which data: a cache of another copy (a subset, a test folder) under
+        the same cache directory would otherwise be reused silently.
+        """
+        digest = hashlib.sha256((self.root / "captions.jsonl").read_bytes())
+        for name in self.images:
+            digest.update(f"{name}:{(self.root / 'images' / name).stat().st_size};".encode())
+        return digest.hexdigest()[:16]
+
+
+def cached_arrays(name: str, data: Flickr8k, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The training cache ``name`` for ``data``: loaded when intact and made from the same data, else built.
+
+    Entries go through ``ArrayCache``: written atomically with a checksum, so a truncated or corrupted
+    file is reported and rebuilt instead of crashing a training run. (Caches written before this
+    check, in ``features/`` without a checksum, are not read; delete that folder to reclaim the space.)
+    """
+    cache = ArrayCache(cache_dir() / "training")
+    hit = cache.get(name)
+    if hit is not None and hit[1].get("data") == data.digest:
+        return hit[0]
+    arrays = build()
+    cache.put(name, arrays, {"data": data.digest, "root": str(data.root)})
+    return arrays
 
 
 def crop_boxes(n_images: int, crops: int, seed: int = 0) -> np.ndarray:
@@ -112,37 +139,29 @@ def cached_image_features(data: Flickr8k, variant: str, image_size: int, trainab
     skipped = f"-skip{'.'.join(map(str, sorted(skip_blocks)))}" if skip_blocks else ""
     cropped = f"-crops{crop_views}" if crop_views else ""
     name = f"{variant}-{image_size}-top{trainable_blocks}{skipped}{cropped}-{PREPROCESS_VERSION}"
-    path = _feature_file(name)
-    if path.exists():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    tower = EfficientNetLiteTower(variant, image_size, trainable_blocks, skip_blocks)
-    feats = {}
-    for split in ("train", "val", "test"):
-        idx = data.indices(split)
-        paths = [data.root / "images" / data.images[i] for i in idx]
-        crops = crop_boxes(len(idx), crop_views) if split == "train" and crop_views else None
-        feats[split] = image_trunk_features(tower, paths, flip=split == "train", desc=f"{name} {split}", crops=crops)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **feats)
-    return feats
+
+    def build() -> dict[str, np.ndarray]:
+        tower = EfficientNetLiteTower(variant, image_size, trainable_blocks, skip_blocks)
+        feats = {}
+        for split in ("train", "val", "test"):
+            idx = data.indices(split)
+            paths = [data.root / "images" / data.images[i] for i in idx]
+            crops = crop_boxes(len(idx), crop_views) if split == "train" and crop_views else None
+            feats[split] = image_trunk_features(tower, paths, flip=split == "train", desc=f"{name} {split}", crops=crops)
+        return feats
+
+    return cached_arrays(name, data, build)
 
 
 def cached_text_features(data: Flickr8k, trainable_layers: int) -> dict[str, np.ndarray]:
     """Token states for every caption (5 per image, in image order) of each split."""
-    name = f"minilm-l6-top{trainable_layers}"
-    path = _feature_file(name)
-    if path.exists():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    tower = MiniLMTextTower(trainable_layers)
-    feats = {}
-    for split in ("train", "val", "test"):
-        texts = [c for i in data.indices(split) for c in data.captions[i]]
-        tokens, offsets = text_trunk_features(tower, texts)
-        feats[f"{split}_tokens"], feats[f"{split}_offsets"] = tokens, offsets
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **feats)
-    return feats
+    def build() -> dict[str, np.ndarray]:
+        tower = MiniLMTextTower(trainable_layers)
+        feats = {}
+        for split in ("train", "val", "test"):
+            texts = [c for i in data.indices(split) for c in data.captions[i]]
+            tokens, offsets = text_trunk_features(tower, texts)
+            feats[f"{split}_tokens"], feats[f"{split}_offsets"] = tokens, offsets
+        return feats
+
+    return cached_arrays(f"minilm-l6-top{trainable_layers}", data, build)

@@ -29,9 +29,8 @@ from matcher.atomic import atomic_path
 from matcher.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
 from matcher.losses import DistillationObjective
 from matcher.metrics import retrieval_metrics
-from matcher.paths import cache_dir
 from matcher.student_towers import caption_vocabulary, init_from_minilm
-from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
+from matcher.train.features import Flickr8k, cached_arrays, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
 from matcher.train.selection import BestOnVal
 from matcher.train.teacher import _set_train_mode, cached_metrics, embed_split
@@ -118,24 +117,21 @@ def teacher_targets(data: Flickr8k, teacher_path: str | Path, crop_views: int = 
     """
     teacher_path = Path(teacher_path)
     cropped = f"-crops{crop_views}" if crop_views else ""
-    path = cache_dir() / "features" / f"teacher-targets-{_file_digest(teacher_path)}{cropped}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    encoder = load_checkpoint(teacher_path)
-    module, config = encoder.module, encoder.config
-    img_cfg, txt_cfg = config["image_tower"], config["text_tower"]
-    image_feats = cached_image_features(data, img_cfg["variant"], img_cfg["image_size"], img_cfg["trainable_blocks"],
-                                        crop_views=crop_views)
-    text_feats = cached_text_features(data, txt_cfg["trainable_layers"])
-    targets = {"logit_scale": np.array(float(module.logit_scale.detach().exp().clamp(max=100)))}
-    for split in ("train", "val"):
-        images, texts = embed_split(module, CachedSplit.from_features(image_feats, text_feats, split))
-        targets[f"{split}_images"], targets[f"{split}_texts"] = images.half().numpy(), texts.half().numpy()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **targets)
-    return targets
+
+    def build() -> dict[str, np.ndarray]:
+        encoder = load_checkpoint(teacher_path)
+        module, config = encoder.module, encoder.config
+        img_cfg, txt_cfg = config["image_tower"], config["text_tower"]
+        image_feats = cached_image_features(data, img_cfg["variant"], img_cfg["image_size"], img_cfg["trainable_blocks"],
+                                            crop_views=crop_views)
+        text_feats = cached_text_features(data, txt_cfg["trainable_layers"])
+        targets = {"logit_scale": np.array(float(module.logit_scale.detach().exp().clamp(max=100)))}
+        for split in ("train", "val"):
+            images, texts = embed_split(module, CachedSplit.from_features(image_feats, text_feats, split))
+            targets[f"{split}_images"], targets[f"{split}_texts"] = images.half().numpy(), texts.half().numpy()
+        return targets
+
+    return cached_arrays(f"teacher-targets-{_file_digest(teacher_path)}{cropped}", data, build)
 
 
 # -- student data ------------------------------------------------------------------------------
