@@ -8,6 +8,10 @@ image tower: it is the accuracy a student with that image input could reach with
 Next to it, the tower's throughput (batch 8, channels-last, no preprocessing) and the teacher's.
 
     python bench/student_limits.py [--sizes 112,128,144,160] [--json assets/results/student-limits.json] [--merge]
+    python bench/student_limits.py --sizes 112 --skips 2,4,6,7,9,10,12,13,14,9.10,9.10.13 --merge
+
+``--skips`` adds rows for the same frozen tower with residual blocks left out (one config per
+comma-separated item, blocks joined by dots): what each block is worth, next to what it costs.
 
 Needs the teacher's targets cache (built by ``train-student``) and the Flickr8k folder.
 """
@@ -36,9 +40,9 @@ from matcher.train.features import Flickr8k  # noqa: E402
 from matcher.train.student import DEFAULT_TEACHER, teacher_targets  # noqa: E402
 
 
-def pooled_features(data: Flickr8k, size: int) -> dict[str, torch.Tensor]:
+def pooled_features(data: Flickr8k, size: int, skip: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     """Frozen Lite0 pooled features: train [N, 2 views, 1280] (original + flip), val [N, 1280]."""
-    tower = EfficientNetLiteTower("efficientnet-lite0", size, 0).eval().to(memory_format=torch.channels_last)
+    tower = EfficientNetLiteTower("efficientnet-lite0", size, 0, skip).eval().to(memory_format=torch.channels_last)
     transform = image_transform(size)
     out = {}
     with torch.inference_mode():
@@ -89,20 +93,25 @@ def probe(features: dict[str, torch.Tensor], targets: dict[str, np.ndarray], epo
     return retrieval_metrics(sim.numpy(), np.repeat(np.arange(len(img)), 5))
 
 
-def tower_throughput(variant: str, size: int, rounds: int = 5) -> float:
-    """Images/s of the tower alone (batch 8, channels-last, inference), median of ``rounds``."""
-    tower = EfficientNetLiteTower(variant, size, 0).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(8, 3, size, size).contiguous(memory_format=torch.channels_last)
-    rates = []
+def tower_rates(towers: dict[str, tuple[str, int, tuple[int, ...]]], rounds: int = 5) -> dict[str, float]:
+    """Images/s of each tower alone (batch 8, channels-last, inference): median of ``rounds``, rounds
+    interleaved over all towers so that their ratios are measured under the same load."""
+    built, inputs = {}, {}
+    for label, (variant, size, skip) in towers.items():
+        built[label] = EfficientNetLiteTower(variant, size, 0, skip).eval().to(memory_format=torch.channels_last)
+        inputs[label] = torch.randn(8, 3, size, size).contiguous(memory_format=torch.channels_last)
+    rates: dict[str, list[float]] = {label: [] for label in towers}
     with torch.inference_mode():
-        for _ in range(3):
-            tower(x)
+        for label, tower in built.items():
+            for _ in range(3):
+                tower(inputs[label])
         for _ in range(rounds):
-            started = time.perf_counter()
-            for _ in range(8):
-                tower(x)
-            rates.append(64 / (time.perf_counter() - started))
-    return float(np.median(rates))
+            for label, tower in built.items():
+                started = time.perf_counter()
+                for _ in range(8):
+                    tower(inputs[label])
+                rates[label].append(64 / (time.perf_counter() - started))
+    return {label: float(np.median(r)) for label, r in rates.items()}
 
 
 def main() -> None:
@@ -110,33 +119,40 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--sizes", default="112,128,144,160")
     parser.add_argument("--json", default="assets/results/student-limits.json")
-    parser.add_argument("--merge", action="store_true", help="keep rows of other sizes already in --json")
+    parser.add_argument("--skips", default="", help="residual blocks to leave out, one config per item: 9,12,9.10")
+    parser.add_argument("--merge", action="store_true", help="keep rows of other configurations already in --json")
     args = parser.parse_args()
     data = Flickr8k.load(args.data)
     targets = teacher_targets(data, DEFAULT_TEACHER)
     teacher_val = retrieval_metrics(targets["val_texts"].astype(np.float32) @ targets["val_images"][:, 0].astype(np.float32).T,
                                     np.repeat(np.arange(len(targets["val_images"])), 5))
-    teacher_rate = tower_throughput("efficientnet-lite2", 224)
-    rows = []
-    for size in [int(s) for s in args.sizes.split(",") if s.strip()]:
-        metrics = probe(pooled_features(data, size), targets)
-        rate = tower_throughput("efficientnet-lite0", size)
-        rows.append({"image_tower": f"efficientnet-lite0@{size}", "val_rsum": round(metrics["rsum"], 1),
-                     "t2i_R@1": round(metrics["t2i"]["R@1"], 1), "i2t_R@1": round(metrics["i2t"]["R@1"], 1),
-                     "images_per_s": round(rate, 1), "speedup_vs_teacher_tower": round(rate / teacher_rate, 2)})
+    rows, towers = [], {"teacher": ("efficientnet-lite2", 224, ())}
+    skips = [()] + [tuple(int(b) for b in item.split(".")) for item in args.skips.split(",") if item.strip()]
+    for size, skip in [(int(s), skip) for s in args.sizes.split(",") if s.strip() for skip in skips]:
+        metrics = probe(pooled_features(data, size, skip), targets)
+        label = f"efficientnet-lite0@{size}" + (f" skip {','.join(map(str, skip))}" if skip else "")
+        towers[label] = ("efficientnet-lite0", size, skip)
+        rows.append({"image_tower": label, "val_rsum": round(metrics["rsum"], 1),
+                     "t2i_R@1": round(metrics["t2i"]["R@1"], 1), "i2t_R@1": round(metrics["i2t"]["R@1"], 1)})
         print(rows[-1], flush=True)
+    rates = tower_rates(towers)  # after the probes, all towers interleaved
+    teacher_rate = rates["teacher"]
+    for row in rows:
+        rate = rates[row["image_tower"]]
+        row.update(images_per_s=round(rate, 1), speedup_vs_teacher_tower=round(rate / teacher_rate, 2))
     command = "python bench/student_limits.py " + " ".join(sys.argv[1:])
     for row in rows:
         row.update(command=command, threads=torch.get_num_threads())
-    if args.merge and Path(args.json).exists():  # keep the other sizes' rows from earlier runs
+    if args.merge and Path(args.json).exists():  # keep the other configurations' rows from earlier runs
         measured = {row["image_tower"] for row in rows}
         rows = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["image_tower"] not in measured] + rows
-        rows.sort(key=lambda r: int(r["image_tower"].rsplit("@", 1)[1]))
+        rows.sort(key=lambda r: (int(r["image_tower"].split("@", 1)[1].split()[0]), len(r["image_tower"]), r["image_tower"]))
     write_json(args.json, {
         "command": command,
         "machine": machine_description(),
         "note": "frozen Lite0 + linear head into the teacher's space, val recall against the teacher's captions; "
-                "throughput = tower only, batch 8, channels-last",
+                "throughput = tower only, batch 8, channels-last, rounds interleaved with the teacher's tower "
+                "(rows merged from earlier runs keep that run's timing)",
         "teacher": {"image_tower": "efficientnet-lite2@224 (fine-tuned)", "val_rsum": round(teacher_val["rsum"], 1),
                     "images_per_s": round(teacher_rate, 1)},
         "rows": rows})
