@@ -108,10 +108,17 @@ def test_normalise_caption():
     assert normalise_caption("  Two dogs  play in the snow . ") == "two dogs play in the snow"
 
 
-def test_tiny_model_side_by_side(small_gallery):
+def test_tiny_model_side_by_side(small_gallery, monkeypatch):
+    from matcher.search import Matcher
+
     gallery = open_gallery(small_gallery)
     mset = MatcherSet({"teacher": TINY, "student": TINY}, gallery)
+    warmed = []
+    original = Matcher.search_text
+    monkeypatch.setattr(Matcher, "search_text", lambda self, text, *a: warmed.append(text) or original(self, text, *a))
     assert mset.warm() == {"teacher": None, "student": None}
+    assert len(warmed) == 2  # warm-up answers one throw-away query per matcher
+    monkeypatch.undo()
     caption = gallery.captions[gallery.names[2]][0]
     columns = mset.search_text(caption, SearchOptions(k=12))
     for column in columns:

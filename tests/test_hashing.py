@@ -321,3 +321,14 @@ def test_rank_captions_matches_search_text_and_censors_outside_shortlist():
     sim = emb.captions[:30] @ emb.images.T
     exact = (sim > sim[np.arange(30), emb.caption_image[:30]][:, None]).sum(axis=1)
     assert np.array_equal(full_ranks, exact)
+
+
+def test_default_code_length_index_is_built_when_the_matcher_opens():
+    """Opening (the app's warm-up) hashes the gallery for the default bits, not the first query."""
+    emb = synthetic(40)
+    hashers = {16: LSHHasher(emb.images, emb.captions, 16), SearchOptions.bits: LSHHasher(emb.images, emb.captions, SearchOptions.bits)}
+    matcher = HashedMatcher(_FixedEncoder(emb), None, hashers, embeddings=emb)
+    assert set(matcher._indexes) == {(SearchOptions.bits, "image")}   # other code lengths stay lazy
+    built = matcher.index(SearchOptions.bits)
+    matcher.search_text("caption 3")
+    assert matcher.index(SearchOptions.bits) is built and len(matcher._indexes) == 1
