@@ -187,8 +187,8 @@ class MatcherSet:
         """Open every matcher now (model + gallery embeddings) and answer one throw-away query with
         each; returns role -> error or None.
 
-        Why the query: a model's first forward pass (thread pools, allocator, tokenizer state) took
-        ~100 ms more than the next ones, so the first user query showed that start-up in its per-stage
+        Why the query: a model's first forward pass (thread pools, allocator, tokenizer state) is far
+        slower than the next ones, so the first user query showed that start-up in its per-stage
         timings instead of each matcher's steady speed, which is what the columns compare.
         """
         status = {}

@@ -79,7 +79,7 @@ class HashedMatcher:
         self._indexes: dict[tuple[int, str], BinaryIndex] = {}
         if SearchOptions.bits in self.hashers:
             # Built now, not on the first query: opening (and the app's warm-up) pays for it, and the
-            # first query's "candidates" time is the search, not the gallery's hashing (8-17 ms before).
+            # first query's "candidates" time is the search, not the gallery's hashing.
             self.index(SearchOptions.bits)
 
     @property
