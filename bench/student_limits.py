@@ -8,7 +8,7 @@ image tower: it is the accuracy a student with that image input could reach with
 Next to it, the tower's throughput (batch 8, channels-last, no preprocessing) and the teacher's.
 
     python bench/student_limits.py [--sizes 112,128,144,160] [--json assets/results/student-limits.json] [--merge]
-    python bench/student_limits.py --sizes 112 --skips 2,4,6,7,9,10,12,13,14,9.10,9.10.13 --merge
+    python bench/student_limits.py --sizes 112 --skips 2,4,6,7,9,10,12,13,14,6.9.12.14,6.9.12.13.14 --merge
 
 ``--skips`` adds rows for the same frozen tower with residual blocks left out (one config per
 comma-separated item, blocks joined by dots): what each block is worth, next to what it costs.

@@ -82,7 +82,7 @@ def measure_speeds(specs: list[str], image_paths: list[str], rounds: int = 5, qu
     """``time_interleaved`` for registered matchers / checkpoints, loaded by spec.
 
     Specs that share one encoder (``offline-hashed`` encodes with ``offline-student``) are timed once
-    and share the result: timing the same model twice costs minutes and adds nothing.
+    and share the result: timing the same model twice adds run time and no information.
     """
     if threads:
         torch.set_num_threads(threads)
