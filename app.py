@@ -3,7 +3,7 @@
     python app.py                      # http://localhost:7860 (PORT / GRADIO_SERVER_PORT to change)
     python app.py --preset clip        # hub models; falls back to 'offline' without hub access
 
-This file only wires the page to the backend (``matcher.workspace`` / ``compare`` / ``results`` /
+This file only wires the page to the backend (``matcher.dashboard.workspace`` / ``compare`` / ``results`` /
 ``analysis`` / ``uploads``); everything it shows can be computed with ``python -m matcher`` too.
 """
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from matcher.compare import Column, example_queries
-from matcher.gallery import GalleryError
-from matcher.images import UnreadableImage, load_rgb
-from matcher.results import ACCURACY_METRICS, PUBLISHED_LABEL, PUBLISHED_SOURCE, SPEED_METRICS, metrics_table, tradeoff_figure, write_csv
-from matcher.search import MAX_K, QueryError, SearchOptions
-from matcher.uploads import UploadError, check_folder, extract_zip, folder_roots, uploads_dir
-from matcher.workspace import Workspace
+from matcher.dashboard.matchers import Column, example_queries
+from matcher.data.gallery import GalleryError
+from matcher.data.images import UnreadableImage, load_rgb
+from matcher.eval.results import ACCURACY_METRICS, PUBLISHED_LABEL, PUBLISHED_SOURCE, SPEED_METRICS, metrics_table, tradeoff_figure, write_csv
+from matcher.search.protocol import MAX_K, QueryError, SearchOptions
+from matcher.data.uploads import UploadError, check_folder, extract_zip, folder_roots, uploads_dir
+from matcher.dashboard.workspace import Workspace
 
 log = logging.getLogger("matcher.app")
 
@@ -466,8 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gallery", default=os.environ.get("MATCHER_GALLERY"), help="gallery folder (default: bundled)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
-    parser.add_argument("--roles", help="role=spec pairs instead of a preset (a 'custom' preset), "
-                        "e.g. teacher=offline-teacher,student=open_clip:matcher-tiny-vit")
+    parser.add_argument("--roles", help="a 'custom' preset: a comma list of the preset's roles and/or ROLE=SPEC "
+                        "additions, e.g. teacher,student=open_clip:matcher-tiny-vit")
     parser.add_argument("--no-warm", action="store_true", help="do not load the models in the background at start-up")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -478,10 +478,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("MATCHER_THREADS", "1")))
     presets = None
     if args.roles:
-        from matcher.models import PRESETS
+        from matcher.presets import DEFAULT_PRESET, PRESETS, parse_roles
 
-        pairs = [p.split("=", 1) for p in args.roles.split(",") if "=" in p]
-        presets = {"custom": {r.strip(): s.strip() for r, s in pairs}, **PRESETS}
+        base = args.preset or DEFAULT_PRESET
+        if base not in PRESETS:
+            parser.error(f"unknown preset {base!r}; choose one of: {', '.join(PRESETS)}")
+        try:
+            presets = {"custom": parse_roles(args.roles, PRESETS[base]), **PRESETS}
+        except ValueError as exc:
+            parser.error(str(exc))
         args.preset = "custom"
     ws = Workspace(presets=presets, default_preset=args.preset, gallery=args.gallery)
     log.info(ws.active().describe())

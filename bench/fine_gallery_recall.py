@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matcher.atomic import write_json  # noqa: E402
-from matcher.evaluate import machine_description  # noqa: E402
-from matcher.gallery import open_gallery  # noqa: E402
+from matcher.eval.costs import machine_description  # noqa: E402
+from matcher.data.gallery import open_gallery  # noqa: E402
 from matcher.paths import DEFAULT_GALLERY  # noqa: E402
-from matcher.search import SearchOptions, open_matcher  # noqa: E402
+from matcher.search.exact import SearchOptions, open_matcher  # noqa: E402
 
 
 def main() -> None:

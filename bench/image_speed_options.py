@@ -30,9 +30,9 @@ def measure(batch_sizes: list[int], images: int, rounds: int) -> list[dict]:
     """In this process: teacher and student per batch size and precision, rounds interleaved."""
     import torch
 
-    from matcher.evaluate import time_interleaved
-    from matcher.images import load_rgb
-    from matcher.models import load_encoder
+    from matcher.eval.costs import time_interleaved
+    from matcher.data.images import load_rgb
+    from matcher.registry import load_encoder
     from matcher.paths import DEFAULT_GALLERY
 
     photos = [load_rgb(p) for p in sorted((Path(DEFAULT_GALLERY) / "images").iterdir())[:images]]
@@ -67,7 +67,7 @@ def main() -> None:
         return
 
     from matcher.atomic import write_json
-    from matcher.evaluate import machine_description
+    from matcher.eval.costs import machine_description
 
     rows = []
     for repeat in range(args.repeats):

@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matcher.atomic import write_json  # noqa: E402
-from matcher.cli import DEFAULT_DATA  # noqa: E402
-from matcher.evaluate import machine_description  # noqa: E402
-from matcher.losses import ContrastiveLoss, ListNetLoss  # noqa: E402
-from matcher.metrics import retrieval_metrics  # noqa: E402
-from matcher.towers import EfficientNetLiteTower, image_transform  # noqa: E402
+from matcher.cli.common import DEFAULT_DATA  # noqa: E402
+from matcher.eval.costs import machine_description  # noqa: E402
+from matcher.train.losses import ContrastiveLoss, ListNetLoss  # noqa: E402
+from matcher.eval.metrics import retrieval_metrics  # noqa: E402
+from matcher.models.towers import EfficientNetLiteTower, image_transform  # noqa: E402
 from matcher.train.features import Flickr8k  # noqa: E402
 from matcher.train.student import DEFAULT_TEACHER, teacher_targets  # noqa: E402
 
@@ -71,7 +71,7 @@ def probe(features: dict[str, torch.Tensor], targets: dict[str, np.ndarray], epo
     n, batch = len(features["train"]), 256
     steps = epochs * 5 * (n // batch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps)
-    contrastive, listnet = ContrastiveLoss(), ListNetLoss()  # the student's own losses (matcher.losses)
+    contrastive, listnet = ContrastiveLoss(), ListNetLoss()  # the student's own losses (matcher.train.losses)
     head.train()
     for _ in range(epochs * 5):  # 5 passes per epoch, a fresh random caption each
         order = rng.permutation(n)

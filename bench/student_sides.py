@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matcher.atomic import write_json  # noqa: E402
-from matcher.cli import DEFAULT_DATA  # noqa: E402
-from matcher.evaluate import machine_description  # noqa: E402
+from matcher.cli.common import DEFAULT_DATA  # noqa: E402
+from matcher.eval.costs import machine_description  # noqa: E402
 from matcher.train.student import StudentRecipe, train_student  # noqa: E402
 
 COMMITTED = Path("assets/models/offline-student.train.json")

@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matcher.atomic import write_json  # noqa: E402
-from matcher.evaluate import machine_description, time_interleaved  # noqa: E402
-from matcher.images import load_rgb  # noqa: E402
-from matcher.models import load_encoder  # noqa: E402
+from matcher.eval.costs import machine_description, time_interleaved  # noqa: E402
+from matcher.data.images import load_rgb  # noqa: E402
+from matcher.registry import load_encoder  # noqa: E402
 from matcher.paths import DEFAULT_GALLERY  # noqa: E402
-from matcher.towers import image_transform  # noqa: E402
+from matcher.models.towers import image_transform  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
         print(row)
     write_json(args.json, {"command": "python bench/student_speed.py " + " ".join(sys.argv[1:]),
                            "machine": {**machine_description(), "threads": args.threads},
-                           "note": "matcher.evaluate.time_interleaved: encode_images (preprocessing included), batch 8, channels-last, BN folded; "
+                           "note": "matcher.eval.costs.time_interleaved: encode_images (preprocessing included), batch 8, channels-last, BN folded; "
                                    f"{len(images)} bundled test photos; median of {args.rounds} interleaved rounds",
                            "rows": rows})
     print(f"wrote {args.json}")

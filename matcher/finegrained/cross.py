@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matcher.towers import masked_mean
+from matcher.models.towers import masked_mean
 
 
 class _Tokens(nn.Module):

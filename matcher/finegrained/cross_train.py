@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from matcher.finegrained.evaluate import encode_split, full_scores, rerank_metrics, score_shortlists
 from matcher.finegrained.features import FineSplit
-from matcher.losses import ContrastiveLoss, ListNetLoss
-from matcher.metrics import retrieval_metrics
+from matcher.train.losses import ContrastiveLoss, ListNetLoss
+from matcher.eval.metrics import retrieval_metrics
 from matcher.train.selection import BestOnVal
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matcher.finegrained.features import FineSplit, fine_features, teacher_heads
+from matcher.finegrained.checkpoints import load_scorer, teacher_heads
+from matcher.finegrained.features import FineSplit, fine_features
 from matcher.finegrained.scorers import max_sum
-from matcher.finegrained.train import load_scorer
 from matcher.train.features import Flickr8k
 
 

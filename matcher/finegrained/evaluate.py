@@ -4,7 +4,7 @@ Re-ranking (``rerank_metrics``): text->image, each caption re-scores the dual te
 images; image->text, each image re-scores the teacher's top-C captions. Items outside the
 shortlist keep their dual order *below* the re-scored ones: the full matrix gets
 ``OFFSET + fine score`` on the shortlist and the dual cosine elsewhere, so
-``matcher.metrics.retrieval_metrics`` applies unchanged (t2i read from one matrix, i2t from the other).
+``matcher.eval.metrics.retrieval_metrics`` applies unchanged (t2i read from one matrix, i2t from the other).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from matcher.finegrained.features import FineSplit
-from matcher.metrics import retrieval_metrics
+from matcher.eval.metrics import retrieval_metrics
 
 OFFSET = 1e4  # far above any fine or fused score: shortlisted items always rank first
 

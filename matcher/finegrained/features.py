@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from matcher.dual_encoder import load_checkpoint
-from matcher.towers import masked_mean
-from matcher.train.features import Flickr8k, cached_arrays, cached_image_features, cached_text_features
+from matcher.models.dual_encoder import load_checkpoint
+from matcher.models.towers import masked_mean
+from matcher.finegrained.checkpoints import DEFAULT_TEACHER
+from matcher.train.features import Flickr8k, cached_arrays, file_digest, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
-from matcher.train.student import DEFAULT_TEACHER, _file_digest
 
 SPLITS = ("train", "val", "test")
 
@@ -98,27 +98,8 @@ def fine_features(data: Flickr8k, teacher: str | Path = DEFAULT_TEACHER) -> dict
                 arrays[f"{s}_{key}"] = value
         return arrays
 
-    z = cached_arrays(f"fine-{_file_digest(teacher)}", data, build)
+    z = cached_arrays(f"fine-{file_digest(teacher)}", data, build)
     return {s: FineSplit(z[f"{s}_regions"], z[f"{s}_tokens"], z[f"{s}_offsets"]) for s in SPLITS}
-
-
-def teacher_heads(teacher: str | Path | torch.nn.Module = DEFAULT_TEACHER) -> tuple[torch.nn.Linear, torch.nn.Linear, float]:
-    """Copies of the teacher's projection heads (1280->256, 384->256) and its logit scale.
-
-    ``teacher`` is a checkpoint path, or the already loaded dual-encoder module (the dashboard holds
-    the teacher anyway; reading its 100 MB checkpoint a second time only for two heads was waste).
-    """
-    module = teacher if isinstance(teacher, torch.nn.Module) else load_checkpoint(teacher).module
-    if not (hasattr(module, "image_head") and hasattr(module, "text_head")):
-        raise ValueError(f"the fine re-ranker needs a towers dual encoder as its base, not {type(module).__name__}")
-    image_head, text_head = module.image_head[-1], module.text_head[-1]
-    return (_copy_linear(image_head), _copy_linear(text_head), float(module.logit_scale.detach().exp().clamp(max=100)))
-
-
-def _copy_linear(layer: torch.nn.Linear) -> torch.nn.Linear:
-    out = torch.nn.Linear(layer.in_features, layer.out_features)
-    out.load_state_dict(layer.state_dict())
-    return out
 
 
 def dual_embeddings(split: FineSplit, image_head: torch.nn.Linear, text_head: torch.nn.Linear,

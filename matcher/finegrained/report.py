@@ -18,9 +18,9 @@ import torch
 from matcher.atomic import write_json, write_records_csv
 from matcher.finegrained.evaluate import (code_diversity, encode_split, full_scores, pair_cost_us, rerank_metrics, score_shortlists,
                                           search_ms)
-from matcher.finegrained.features import dual_embeddings, dual_similarity, fine_features, teacher_heads
-from matcher.finegrained.train import load_scorer
-from matcher.metrics import retrieval_metrics
+from matcher.finegrained.checkpoints import load_scorer, teacher_heads
+from matcher.finegrained.features import dual_embeddings, dual_similarity, fine_features
+from matcher.eval.metrics import retrieval_metrics
 
 FUSE_GRID = tuple(2.0 ** k for k in range(-6, 5))
 
@@ -32,7 +32,7 @@ def _flat(metrics: dict) -> dict:
 
 def text_encode_ms(teacher: str, repeats: int = 30) -> float:
     """The teacher's text tower on one caption (every tier needs it: tokens or pooled)."""
-    from matcher.dual_encoder import load_checkpoint
+    from matcher.models.dual_encoder import load_checkpoint
 
     module = load_checkpoint(teacher).module.eval()
     text = ["a brown dog runs through the grass with a stick in its mouth"]
@@ -94,7 +94,7 @@ def exhaustive_record(name: str, scorer, feats, dual_emb, encode_ms: float, tier
 
 
 def run_eval(args) -> dict:
-    from matcher.evaluate import machine_description
+    from matcher.eval.costs import machine_description
     from matcher.train.features import Flickr8k
 
     feats = fine_features(Flickr8k.load(args.data), args.teacher)
@@ -140,7 +140,7 @@ def run_eval(args) -> dict:
 
 def student_records(data_root: str, paths: list[str]) -> list[dict]:
     """Students distilled from different teacher matrices: val from training, test from cached features."""
-    from matcher.dual_encoder import load_checkpoint
+    from matcher.models.dual_encoder import load_checkpoint
     from matcher.train.features import Flickr8k, cached_image_features
     from matcher.train.pairs import CachedSplit
     from matcher.train.student import caption_id_features

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from matcher.atomic import atomic_path, write_json
 from matcher.hashing.codes import Hasher
-from matcher.hashing.search import rerank
-from matcher.index import BinaryIndex
+from matcher.search.hashed import rerank
+from matcher.search.index import BinaryIndex
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,16 @@ def distractors(real: np.ndarray, n: int, seed: int, chunk: int = 100_000) -> np
         x = mean + rng.standard_normal((m, real.shape[1])) @ chol.T
         out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
+
+
+def split_embeddings(spec: str, data: str, splits: tuple[str, ...]):
+    """{split: GalleryEmbeddings} of one encoder on the shared Flickr8k folder (cached)."""
+    from matcher.data.embed import embed_gallery
+    from matcher.data.gallery import open_gallery
+    from matcher.registry import cached_encoder
+
+    gallery, encoder = open_gallery(data), cached_encoder(spec)
+    return {s: embed_gallery(encoder, gallery.select(s)) for s in splits}, encoder
 
 
 def _serialized_bytes(index) -> int:
@@ -211,7 +221,6 @@ def run_benchmark(cfg: BenchConfig, json_path: str | Path) -> dict:
     import torch
 
     from matcher.atomic import write_records_csv
-    from matcher.hashing.commands import split_embeddings
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)

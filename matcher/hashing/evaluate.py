@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from matcher.embed import GalleryEmbeddings
+from matcher.data.embed import GalleryEmbeddings
 from matcher.hashing.codes import Hasher
-from matcher.index import BinaryIndex
-from matcher.metrics import i2t_ranks, recall_table, t2i_ranks
+from matcher.search.index import BinaryIndex
+from matcher.eval.metrics import i2t_ranks, recall_table, t2i_ranks
 
 TOP = 10  # candidate recall is measured against the float matcher's exhaustive top-10
 

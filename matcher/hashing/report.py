@@ -10,11 +10,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from matcher.embed import GalleryEmbeddings
+from matcher.data.embed import GalleryEmbeddings
 from matcher.hashing.codes import Hasher, ITQHasher, LSHHasher
 from matcher.hashing.evaluate import two_stage_metrics
-from matcher.hashing.search import rerank
-from matcher.index import BinaryIndex
+from matcher.search.hashed import rerank
+from matcher.search.index import BinaryIndex
 
 DEFAULT_BITS = 64
 DEFAULT_CANDIDATES = 100

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from matcher.embed import GalleryEmbeddings
+from matcher.data.embed import GalleryEmbeddings
 from matcher.hashing.evaluate import candidate_recall, shortlist
 from matcher.hashing.heads import HashHeads, HEIHasher
-from matcher.losses import HEILoss
+from matcher.train.losses import HEILoss
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from matcher.cache import ArrayCache
+from matcher.data.cache import ArrayCache
 from matcher.paths import cache_dir
-from matcher.towers import PREPROCESS_VERSION, EfficientNetLiteTower, MiniLMTextTower, image_transform
+from matcher.models.towers import PREPROCESS_VERSION, EfficientNetLiteTower, MiniLMTextTower, image_transform
 
 
 @dataclass
@@ -52,6 +52,11 @@ class Flickr8k:
         for name in self.images:
             digest.update(f"{name}:{(self.root / 'images' / name).stat().st_size};".encode())
         return digest.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of a checkpoint: caches derived from it are keyed by what it holds, not its name."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def cached_arrays(name: str, data: Flickr8k, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ just the tokenizer + vocabulary remap, and the teacher's embeddings of every tra
 and caption are computed once from the teacher's own feature caches (``teacher_targets``). Each
 batch's teacher similarity matrix is then a [B, D] x [D, B] product.
 
-Objective (``matcher.losses.DistillationObjective``):
+Objective (``matcher.train.losses.DistillationObjective``):
     distill_weight * L_name(S, T) + contrastive_weight * InfoNCE(S) + embed_weight * L_embed
 where L_embed = mean(1 - cos(student, teacher)) over the batch's image and caption embeddings
 (optional feature distillation; both live in 256-d spaces). The best epoch on val is kept.
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from matcher.atomic import atomic_path
-from matcher.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
-from matcher.losses import DistillationObjective
-from matcher.metrics import retrieval_metrics
-from matcher.student_towers import caption_vocabulary, init_from_minilm
-from matcher.train.features import Flickr8k, cached_arrays, cached_image_features, cached_text_features
+from matcher.models.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
+from matcher.train.losses import DistillationObjective
+from matcher.eval.metrics import retrieval_metrics
+from matcher.models.student_towers import caption_vocabulary, init_from_minilm
+from matcher.train.features import Flickr8k, cached_arrays, file_digest, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
 from matcher.train.selection import BestOnVal
 from matcher.train.teacher import _set_train_mode, cached_metrics, embed_split
@@ -105,10 +105,6 @@ class StudentRecipe:
 
 # -- teacher targets ----------------------------------------------------------------------------
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def teacher_targets(data: Flickr8k, teacher_path: str | Path, crop_views: int = 0) -> dict[str, np.ndarray]:
     """The teacher's train image-view and caption embeddings and its logit scale, cached on disk.
 
@@ -131,7 +127,7 @@ def teacher_targets(data: Flickr8k, teacher_path: str | Path, crop_views: int = 
             targets[f"{split}_images"], targets[f"{split}_texts"] = images.half().numpy(), texts.half().numpy()
         return targets
 
-    return cached_arrays(f"teacher-targets-{_file_digest(teacher_path)}{cropped}", data, build)
+    return cached_arrays(f"teacher-targets-{file_digest(teacher_path)}{cropped}", data, build)
 
 
 # -- student data ------------------------------------------------------------------------------
@@ -272,7 +268,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     final.load_state_dict(module.state_dict())
     metadata = {"recipe": asdict(recipe), "best_epoch": best_epoch["epoch"], "val": best_epoch["val"],
                 "vocab": vocab_info, "data": "Flickr8k train, selected on val",
-                "teacher_sha256_16": _file_digest(Path(recipe.teacher)) if needs_teacher else None}
+                "teacher_sha256_16": file_digest(Path(recipe.teacher)) if needs_teacher else None}
     save_checkpoint(final, config, out, metadata)
     return {"recipe": asdict(recipe), "history": best.history, "best_epoch": best_epoch["epoch"],
             "val": best_epoch["val"], "checkpoint": str(out), **vocab_info}
@@ -370,22 +366,22 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
     """Train every variant with the same recipe/budget/seed; tabulate recall, costs and teacher ratios.
 
     Every variant has the same architecture, so costs (params, text-query latency, image throughput)
-    are measured once, with ``evaluate_matchers`` (the code path of ``python -m matcher eval``) on
+    are measured once, with ``measure_encoders`` (the code path of ``python -m matcher eval``) on
     the checkpoint that is best on val; the teacher gets the same treatment. Per-variant test recall
     comes from the cached test trunk features (float16 cache, same weights); the best variant's
     full-pipeline test recall is stored in the header next to it. The table is rewritten after
     every variant so a long run can be watched. ``resume`` reuses the variants an interrupted run of
     the same ablation (same base recipe, checkpoint still in ``out_dir``) already finished.
     """
-    from matcher.evaluate import evaluate_matchers, machine_description
-    from matcher.gallery import open_gallery
+    from matcher.eval.costs import machine_description, measure_encoders
+    from matcher.data.gallery import open_gallery
 
     data = Flickr8k.load(data_root)
     header = {"command": command, "split": split, "machine": machine_description(),
               "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "seed": base.seed},
               "recipe": asdict(base),
               "note": "test recall per row from cached trunk features; costs measured once (same architecture) "
-                      "on the best-on-val checkpoint with matcher.evaluate.evaluate_matchers, timed with the teacher"}
+                      "on the best-on-val checkpoint with matcher.eval.costs.measure_encoders, timed with the teacher"}
     finished = _finished_variants(Path(results), base, Path(out_dir)) if resume else {}
     rows, trained_runs = [], []
     pending = {"rsum": float("nan"), "params": 0, "text_query_ms": float("nan"), "images_per_s": float("nan")}
@@ -414,7 +410,7 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
 
     gallery = open_gallery(gallery_path).select(split)
     best_name, _, best_trained, _, best_ckpt = max(trained_runs, key=lambda r: r[2]["val"]["rsum"])  # val, never test
-    entries = evaluate_matchers([base.teacher, str(best_ckpt)], gallery)  # speeds timed together
+    entries = measure_encoders([base.teacher, str(best_ckpt)], gallery)  # speeds timed together
     teacher, student = entries[base.teacher], entries[str(best_ckpt)]
     costs = {k: student[k] for k in ("params", "size_mb", "text_query_ms", "images_per_s")}
     keep = ("t2i", "i2t", "rsum", "params", "size_mb", "text_query_ms", "images_per_s")

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from matcher.dual_encoder import DualEncoderModule, save_checkpoint
-from matcher.losses import ContrastiveLoss
-from matcher.metrics import retrieval_metrics
+from matcher.models.dual_encoder import DualEncoderModule, save_checkpoint
+from matcher.train.losses import ContrastiveLoss
+from matcher.eval.metrics import retrieval_metrics
 from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
 from matcher.train.pairs import CachedSplit
 from matcher.train.selection import BestOnVal

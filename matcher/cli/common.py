@@ -1,0 +1,77 @@
+"""Arguments every command shares, with one meaning each, and the one way a command fails.
+
+- ``--gallery PATH`` / ``--split NAME``: the gallery folder (images + captions.jsonl) and the split.
+- ``--preset NAME`` / ``--roles LIST``: which matchers; ``LIST`` is a comma list of the preset's
+  roles and/or ``ROLE=SPEC`` additions (``matcher.presets.parse_roles``).
+- ``--data PATH``: the Flickr8k training folder (train/val/test) the trainers and benches read.
+Errors the user can fix leave through ``fail``: one ``error: ...`` line, exit status 1, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from matcher.paths import DEFAULT_GALLERY, REPO_ROOT
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+def fail(message: object) -> NoReturn:
+    raise SystemExit(f"error: {message}")
+
+
+def add_gallery(p: argparse.ArgumentParser, split: str | None = None) -> None:
+    p.add_argument("--gallery", default=str(DEFAULT_GALLERY), help="folder of images (+ captions.jsonl)")
+    p.add_argument("--split", default=split, help="only images of this split (from captions.jsonl)")
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="Flickr8k folder with captions.jsonl and images/")
+
+
+def add_roles(p: argparse.ArgumentParser) -> None:
+    from matcher.presets import DEFAULT_PRESET
+
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="matcher preset (python -m matcher info lists them)")
+    p.add_argument("--roles", "--matchers", dest="roles",
+                   help="comma list of the preset's roles and/or ROLE=SPEC additions, e.g. "
+                        "teacher,candidate=runs/student.pt (default: every role of the preset)")
+
+
+def add_search_options(p: argparse.ArgumentParser, k: int = 10) -> None:
+    p.add_argument("--k", type=int, default=k)
+    p.add_argument("--bits", type=int, default=64, help="hashed matchers: code length")
+    p.add_argument("--candidates", type=int, default=100, help="hashed matchers: candidate pool C")
+    p.add_argument("--no-rerank", action="store_true", help="hashed matchers: skip the float re-rank")
+
+
+def open_gallery_arg(args: argparse.Namespace):
+    from matcher.data.gallery import GalleryError, open_gallery
+
+    try:
+        return open_gallery(args.gallery).select(args.split)
+    except GalleryError as exc:
+        fail(exc)
+
+
+def roles_arg(args: argparse.Namespace) -> dict[str, str]:
+    """The matchers ``--preset`` / ``--roles`` name, resolved by the one preset rule (with its notes)."""
+    from matcher.presets import PRESETS, parse_roles, resolve_preset
+
+    if args.preset not in PRESETS:
+        fail(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    try:
+        if args.roles:  # named explicitly: the user's choice stands, or is refused with a reason
+            return parse_roles(args.roles, PRESETS[args.preset])
+        active = resolve_preset(args.preset)
+    except ValueError as exc:
+        fail(exc)
+    for note in active.notes:
+        print(f"note: {note}")
+    return active.roles
+
+
+def search_options_arg(args: argparse.Namespace):
+    from matcher.search.protocol import SearchOptions
+
+    return SearchOptions(k=args.k, bits=args.bits, candidates=args.candidates, rerank=not args.no_rerank)

@@ -1,0 +1,148 @@
+"""Fine-grained tier commands: ``train-fine``, ``train-cross`` and ``eval-fine``."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from matcher.atomic import write_json
+from matcher.cli.common import DEFAULT_DATA
+
+DEFAULT_TEACHER = "assets/models/offline-teacher.pt"
+
+
+def _threads(n: int) -> None:
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+def cmd_train_fine(args: argparse.Namespace) -> None:
+    import torch
+
+    from matcher.finegrained.checkpoints import teacher_heads
+    from matcher.finegrained.features import dual_similarity, fine_features
+    from matcher.finegrained.checkpoints import FineRecipe, build_scorer, load_scorer, save_scorer
+    from matcher.finegrained.train import train_scorer
+    from matcher.train.features import Flickr8k
+
+    _threads(args.threads)
+    overrides = {f.name: getattr(args, f.name) for f in fields(FineRecipe) if getattr(args, f.name, None) is not None}
+    recipe = FineRecipe(**overrides)
+    torch.manual_seed(recipe.seed)  # the code queries are drawn when the scorer is built
+    feats = fine_features(Flickr8k.load(args.data), args.teacher)
+    image_head, text_head, _ = teacher_heads(args.teacher)
+    teacher = None
+    if args.distill_from:  # shrink: start from the big scorer, learn from its in-batch scores
+        from matcher.finegrained.scorers import CodeScorer
+
+        teacher, big_recipe, _ = load_scorer(args.distill_from, image_head, text_head)
+        scorer = (CodeScorer.shrunk_from(teacher, recipe.codes) if recipe.tier == "codes" == big_recipe.tier
+                  else build_scorer(recipe, image_head, text_head))
+    else:
+        scorer = build_scorer(recipe, image_head, text_head)
+    dual_val = dual_similarity(feats["val"], image_head, text_head)
+    result = train_scorer(scorer, feats["train"], feats["val"], dual_val, recipe, teacher)
+    meta = {"teacher": args.teacher, "distill_from": args.distill_from, "best_epoch": result["best_epoch"],
+            "val": result["val"], "data": "Flickr8k train (first view), selected on val"}
+    save_scorer(args.out, scorer, recipe, meta)
+    write_json(Path(args.out).with_suffix(".train.json"), {**result, "distill_from": args.distill_from})
+    print(f"saved {args.out} (best epoch {result['best_epoch']}, val rsum {result['val']['rsum']:.2f})")
+
+
+def cmd_train_cross(args: argparse.Namespace) -> None:
+    """Cross-encoder on dual hard negatives, then its decomposition distilled from it."""
+    from dataclasses import asdict
+
+    from matcher.finegrained.cross import CrossEncoder, DecomposedEncoder
+    from matcher.finegrained.cross_train import CrossRecipe, train_cross, train_decomposed
+    from matcher.finegrained.checkpoints import teacher_heads
+    from matcher.finegrained.features import dual_similarity, fine_features
+    from matcher.finegrained.checkpoints import save_cross
+    from matcher.train.features import Flickr8k
+
+    _threads(args.threads)
+    overrides = {f.name: getattr(args, f.name) for f in fields(CrossRecipe) if getattr(args, f.name, None) is not None}
+    recipe = CrossRecipe(**overrides)
+    import torch
+
+    torch.manual_seed(recipe.seed)  # the transformer's weights are drawn when it is built
+    feats = fine_features(Flickr8k.load(args.data), args.teacher)
+    image_head, text_head, teacher_scale = teacher_heads(args.teacher)
+    duals = {s: dual_similarity(feats[s], image_head, text_head) for s in ("train", "val")}
+    residual_scale = teacher_scale if recipe.residual else 0.0
+    cross = CrossEncoder(image_head, text_head, recipe.dim, recipe.layers, recipe.heads, recipe.ffn, recipe.dropout,
+                         residual_scale=residual_scale)
+    out = Path(args.out_dir)
+    cross_result = train_cross(cross, feats["train"], duals["train"], feats["val"], duals["val"], recipe)
+    name = "cross-residual" if recipe.residual else "cross"
+    save_cross(out / f"{name}.pt", "cross", cross, {**asdict(recipe), "residual_scale": residual_scale},
+               {"val": cross_result["val"]})
+    write_json(out / f"{name}.train.json", {"recipe": asdict(recipe), "cross": cross_result})
+    if not args.decompose:
+        print(f"saved {out / name}.pt")
+        return
+    decomposed = DecomposedEncoder(cross)
+    decomp_result = train_decomposed(decomposed, cross, feats["train"], feats["val"], recipe)
+    save_cross(out / f"{name}-decomposed.pt", "decomposed", decomposed,
+               {**asdict(recipe), "residual_scale": residual_scale}, {"val": decomp_result["val"]})
+    write_json(out / f"{name}-decomposed.train.json", {"recipe": asdict(recipe), "decomposed": decomp_result})
+    print(f"saved {out / name}.pt and {out / name}-decomposed.pt")
+
+
+def cmd_eval_fine(args: argparse.Namespace) -> None:
+    from matcher.finegrained.report import run_eval
+
+    _threads(args.threads)
+    run_eval(args)
+
+
+def _recipe_flags(p: argparse.ArgumentParser, recipe_cls) -> None:
+    """One optional flag per recipe field (booleans as switches); unset flags keep the recipe default."""
+    for f in fields(recipe_cls):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+
+
+def _parser(sub, name: str, default_data: str, help: str) -> argparse.ArgumentParser:
+    """A fine-tier command: every one reads the Flickr8k folder and the teacher checkpoint."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--data", default=default_data)
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    return p
+
+
+def add_commands(sub) -> None:
+    default_data = str(DEFAULT_DATA)
+    from matcher.finegrained.checkpoints import FineRecipe
+
+    p = _parser(sub, "train-fine", default_data, help="train a fine-grained tier (alignment re-ranker or code late interaction)")
+    p.add_argument("--out", required=True, help="e.g. assets/models/fine/alignment.pt (+ .train.json)")
+    p.add_argument("--distill-from", dest="distill_from", help="a trained (larger) fine scorer to distil from")
+    p.add_argument("--threads", type=int, default=1)
+    _recipe_flags(p, FineRecipe)
+    p.set_defaults(func=cmd_train_fine)
+
+    from matcher.finegrained.cross_train import CrossRecipe
+
+    p = _parser(sub, "train-cross", default_data, help="train the cross-encoder (dual hard negatives) and its decomposition")
+    p.add_argument("--out-dir", dest="out_dir", default="assets/models/fine")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--decompose", action="store_true", help="also train the decomposition from the cross-encoder")
+    _recipe_flags(p, CrossRecipe)
+    p.set_defaults(func=cmd_train_cross)
+
+    p = _parser(sub, "eval-fine", default_data, help="val/test recall and costs of every fine tier vs the dual teacher")
+    p.add_argument("--models", default="assets/models/fine", help="folder of trained fine scorers")
+    p.add_argument("--candidates", default="20,50", help="re-ranking shortlist sizes C")
+    p.add_argument("--results", default="assets/results/finegrained", help="writes .json and .csv")
+    p.add_argument("--pattern", help="only checkpoints matching this glob in --models (default *.pt)")
+    p.add_argument("--append", action="store_true", help="merge into the existing results file instead of replacing it")
+    p.add_argument("--students", help="comma-separated student checkpoints to tabulate (distillation comparison)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_eval_fine)

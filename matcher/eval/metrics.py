@@ -1,0 +1,50 @@
+"""The standard image-text retrieval protocol: Recall@K in both directions and rsum.
+
+- text->image: every caption is a query; a hit if *its own* image is in the top K. Captions that
+  repeat across images (Flickr8k has 207 such strings) count only for their own image.
+- image->text: every image is a query; a hit if *any* of its captions is in the top K.
+- rsum: the sum of the six recalls (in percent).
+Ranks count strictly better scores, so ties are resolved in the query's favour.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KS = (1, 5, 10)
+# The text queries every speed probe times (eval's text-query latency, the fine row's search time).
+PROBE_QUERIES = [
+    "a dog runs through the grass", "two children play on the beach", "a man rides a bike down a dirt path",
+    "a woman in a red coat walks in the snow", "a group of people stand outside a building",
+]
+
+
+def t2i_ranks(sim: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
+    """Rank (0 = best) of each caption's own image. ``sim`` is [captions, images]."""
+    gt = sim[np.arange(len(sim)), caption_image]
+    return (sim > gt[:, None]).sum(axis=1)
+
+
+def i2t_ranks(sim: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
+    """Best rank among each image's captions. ``sim`` is [captions, images]."""
+    sim_i2t = sim.T  # [images, captions]
+    n_images = sim_i2t.shape[0]
+    ranks = np.full(n_images, sim.shape[0], dtype=np.int64)
+    for c, img in enumerate(caption_image):
+        rank = int((sim_i2t[img] > sim_i2t[img, c]).sum())
+        ranks[img] = min(ranks[img], rank)
+    return ranks
+
+
+def recall_table(ranks: np.ndarray, ks=KS) -> dict[str, float]:
+    return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+
+
+def retrieval_metrics(sim: np.ndarray, caption_image: np.ndarray) -> dict:
+    """{"t2i": {R@1, R@5, R@10}, "i2t": {...}, "rsum"} for a [captions, images] similarity matrix."""
+    caption_image = np.asarray(caption_image)
+    if sim.shape[0] != len(caption_image):
+        raise ValueError(f"similarity has {sim.shape[0]} rows but {len(caption_image)} captions")
+    has_caption = np.bincount(caption_image, minlength=sim.shape[1]) > 0
+    t2i = recall_table(t2i_ranks(sim, caption_image))
+    i2t = recall_table(i2t_ranks(sim, caption_image)[has_caption])
+    return {"t2i": t2i, "i2t": i2t, "rsum": sum(t2i.values()) + sum(i2t.values())}

@@ -1,0 +1,63 @@
+"""The evaluation rows of each kind of matcher, from the opened matcher and its base encoder's row.
+
+``matcher.registry.KINDS`` names one of these per kind; ``matcher.eval.report.build_report`` calls
+it. Every function has one call shape, ``(role, matcher, base_entry) -> {row name: row}``, where
+``base_entry`` is the float row of the encoder that encodes the matcher's queries (recall over the
+gallery, footprint, speeds timed together with the other encoders). A row derived from a base is
+measured on its own search, never copied from the base's recall.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from matcher.eval.metrics import PROBE_QUERIES, recall_table
+from matcher.hashing.report import DEFAULT_BITS, DEFAULT_CANDIDATES, hashed_entry
+from matcher.search.protocol import Matcher, SearchOptions
+
+def float_rows(role: str, matcher: Matcher, base_entry: dict) -> dict[str, dict]:
+    """An exact float matcher's row is its encoder's row."""
+    return {role: dict(base_entry)}
+
+
+def hashed_rows(role: str, matcher, base_entry: dict) -> dict[str, dict]:
+    """``hashed-<bits>`` for every code length the heads provide (C = 100), and ``role`` for the
+    default length: two-stage recall, ``bytes_per_item``, candidate recall and stage latencies."""
+    rows = {}
+    for bits, hasher in sorted(matcher.hashers.items()):
+        params = sum(w.size + b.size for layers in hasher.layers.values() for w, b in layers)
+        rerank_emb = matcher.rerank_embeddings if matcher.rerank_encoder else None
+        entry = hashed_entry(hasher, matcher.embeddings, base_entry, params, DEFAULT_CANDIDATES, rerank_emb=rerank_emb)
+        entry.update(spec=matcher.name, base=base_entry.get("spec"),
+                     rerank_by=matcher.rerank_encoder.name if matcher.rerank_encoder else base_entry.get("spec"))
+        rows[f"hashed-{bits}"] = entry
+        if bits == DEFAULT_BITS:
+            rows[role] = entry
+    return rows
+
+
+def fine_rows(role: str, matcher, base_entry: dict, probes: int = 10) -> dict[str, dict]:
+    """The fine re-rank as served: text->image recall of the re-ranked shortlist over every caption
+    of the gallery; image queries are answered by the dual base, so i2t is the base's."""
+    gallery = matcher.gallery
+    texts = [c for n in gallery.names for c in gallery.captions.get(n, [])]
+    owners = [n for n in gallery.names for _ in gallery.captions.get(n, [])]
+    ranking = matcher.rank_captions(texts, owners, 10, SearchOptions(k=10))
+    t2i = recall_table(np.asarray(ranking.gt_rank))
+    i2t = dict(base_entry["i2t"])
+    latencies = []
+    for i in range(probes):
+        started = time.perf_counter()
+        matcher.search_text(PROBE_QUERIES[i % len(PROBE_QUERIES)], SearchOptions(k=10))
+        latencies.append((time.perf_counter() - started) * 1000)
+    scorer_params = sum(p.numel() for p in matcher.scorer.parameters())
+    entry = {**base_entry, "t2i": t2i, "i2t": i2t, "rsum": round(sum(t2i.values()) + sum(i2t.values()), 2),
+             "spec": matcher.name, "base": base_entry.get("spec"), "candidates": matcher.candidates,
+             "params": int(base_entry["params"]) + scorer_params,
+             "size_mb": round(base_entry["size_mb"] + scorer_params * 4 / 1e6, 2),
+             "text_query_ms": round(float(np.median(latencies)), 2),
+             "text_query_ms_range": [round(min(latencies), 2), round(max(latencies), 2)],
+             "note": "t2i: the base's top-C re-scored region x word; i2t: image queries are answered by the base; "
+                     "text_query_ms: whole search (encode + shortlist + re-rank), median in the report process"}
+    return {role: entry}

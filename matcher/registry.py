@@ -1,0 +1,206 @@
+"""The one table from a spec to what it opens: an encoder, a matcher, its evaluation rows.
+
+A spec is one of
+- a registered name: a JSON file in ``matcher/models/configs/`` (``offline-teacher`` ...) whose
+  ``type`` is a key of ``KINDS``;
+- ``open_clip:MODEL@TAG`` for a hub pretrained tag (validated against ``open_clip.list_pretrained()``
+  before anything is downloaded), ``open_clip:MODEL@PATH`` for a local open_clip checkpoint,
+  ``open_clip:MODEL`` for random init (or a project config such as ``matcher-tiny-vit``);
+- a path to a matcher dual-encoder checkpoint (``.pt``) written by the training commands.
+
+``parse_spec`` is the only place spec strings are read; ``KINDS`` the only dispatch on a config's
+type. Adding a tier is one ``Kind`` entry: how its queries are encoded (``base``), how it opens
+over a gallery (``open``), and which rows it adds to the evaluation report (``report``).
+Presets (role -> spec) and the rule for what runs when a preset cannot are in ``matcher.presets``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from matcher.data.gallery import Gallery
+from matcher.eval import rows as report_rows
+from matcher.models.encoder import Encoder
+from matcher.paths import REPO_ROOT
+from matcher.search.protocol import Matcher
+
+CONFIG_DIR = REPO_ROOT / "matcher" / "models" / "configs"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed spec: what the user wrote, the kind it names and that kind's settings."""
+
+    text: str
+    kind: str
+    config: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def base(self) -> str:
+        """The float encoder spec that encodes this matcher's queries (itself for a float kind)."""
+        return self.config.get("base", self.text)
+
+    def path(self, key: str) -> Path:
+        """A file the config names, relative to the repository unless absolute."""
+        path = Path(self.config[key])
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
+def registered_models() -> dict[str, dict]:
+    """Registered model configs by name (file stem)."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+def parse_spec(text: str) -> Spec:
+    """The one parser of spec strings; ``ValueError`` naming the accepted forms otherwise."""
+    text = (text or "").strip()
+    if text.startswith("open_clip:"):
+        model, _, pretrained = text[len("open_clip:"):].partition("@")
+        return Spec(text, "open_clip", {"model": model, "pretrained": pretrained or None})
+    registry = registered_models()
+    if text in registry:
+        config = registry[text]
+        if config.get("type") not in KINDS:
+            raise ValueError(f"model config {text!r} has unknown type {config.get('type')!r} "
+                             f"(expected one of: {', '.join(KINDS)})")
+        return Spec(text, config["type"], config)
+    if text.endswith(".pt"):
+        return Spec(text, "checkpoint", {"checkpoint": text})
+    raise ValueError(f"unknown model {text!r}: use a registered name ({', '.join(registry) or 'none'}), "
+                     "open_clip:MODEL@TAG, open_clip:MODEL@PATH or a .pt checkpoint path")
+
+
+# -- encoders --------------------------------------------------------------------------------------
+
+def _towers(spec: Spec) -> Encoder:
+    from matcher.models.dual_encoder import load_checkpoint
+
+    name = spec.text if spec.kind == "towers" else None  # a bare .pt path is named by its file stem
+    return load_checkpoint(spec.path("checkpoint"), name=name)
+
+
+def _open_clip(spec: Spec) -> Encoder:
+    from matcher.models.openclip import OpenClipEncoder
+
+    return OpenClipEncoder(spec.config["model"], spec.config.get("pretrained"))
+
+
+def _base_encoder(spec: Spec) -> Encoder:
+    # The base's memoised instance: a preset with student and hashed roles holds one student, not two.
+    return cached_encoder(spec.base)
+
+
+def load_encoder(text: str) -> Encoder:
+    """The float encoder a spec's queries are encoded with (see module docstring)."""
+    spec = parse_spec(text)
+    return KINDS[spec.kind].encoder(spec)
+
+
+@lru_cache(maxsize=8)
+def cached_encoder(text: str) -> Encoder:
+    """``load_encoder`` memoised per process: the app and the CLI load each model once."""
+    return load_encoder(text)
+
+
+# -- matchers --------------------------------------------------------------------------------------
+
+def _open_exact(spec: Spec, gallery: Gallery) -> Matcher:
+    from matcher.search.exact import ExactMatcher
+
+    return ExactMatcher(cached_encoder(spec.text), gallery, name=spec.text)
+
+
+def load_hashers(spec: Spec):
+    """The hash heads a ``hashed`` config names, checked against its base encoder.
+
+    The heads were trained on one base encoder's embeddings; codes from any other encoder would be
+    meaningless, so a different base is an error rather than silently bad results.
+    """
+    from matcher.hashing.heads import check_base, load_heads
+
+    hashers, meta = load_heads(spec.path("heads"))
+    check_base(cached_encoder(spec.base), meta, spec.config["heads"])
+    return hashers
+
+
+def _open_hashed(spec: Spec, gallery: Gallery) -> Matcher:
+    """``{"type": "hashed", "base": SPEC, "heads": PATH, "rerank_by": null | SPEC}``."""
+    from matcher.data.embed import embed_gallery
+    from matcher.search.hashed import HashedMatcher
+
+    reranker = None
+    if spec.config.get("rerank_by"):
+        other = cached_encoder(spec.config["rerank_by"])
+        reranker = (other, embed_gallery(other, gallery))
+    return HashedMatcher(cached_encoder(spec.base), gallery, load_hashers(spec), reranker=reranker, name=spec.text)
+
+
+def _open_fine(spec: Spec, gallery: Gallery) -> Matcher:
+    """``{"type": "fine-rerank", "base": SPEC, "scorer": PATH, "fuse": float | null, "candidates": C}``."""
+    from matcher.finegrained.checkpoints import load_scorer, teacher_heads
+    from matcher.search.exact import ExactMatcher
+    from matcher.search.fine import DEFAULT_CANDIDATES, FineRerankMatcher
+
+    base = ExactMatcher(cached_encoder(spec.base), gallery)
+    image_head, text_head, _ = teacher_heads(base.encoder.module)
+    scorer, _, _ = load_scorer(spec.path("scorer"), image_head, text_head)
+    return FineRerankMatcher(base, scorer, spec.config.get("fuse"),
+                             int(spec.config.get("candidates", DEFAULT_CANDIDATES)), name=spec.text)
+
+
+def open_matcher(text: str, gallery: Gallery) -> Matcher:
+    """The matcher a spec names, serving ``gallery``."""
+    spec = parse_spec(text)
+    return KINDS[spec.kind].open(spec, gallery)
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Kind:
+    """What one kind of spec opens. ``report(role, spec, gallery, base_entry, open_matcher)`` returns
+    the evaluation rows of the matcher (``matcher.eval.rows``), given its base encoder's float row."""
+
+    encoder: Callable[[Spec], Encoder]
+    open: Callable[[Spec, Gallery], Matcher]
+    report: Callable[..., dict[str, dict]]
+    needs_files: tuple[str, ...] = ()   # config keys naming files that must exist before it can load
+
+
+KINDS: dict[str, Kind] = {
+    "towers": Kind(_towers, _open_exact, report_rows.float_rows, ("checkpoint",)),
+    "checkpoint": Kind(_towers, _open_exact, report_rows.float_rows, ("checkpoint",)),
+    "open_clip": Kind(_open_clip, _open_exact, report_rows.float_rows),
+    "hashed": Kind(_base_encoder, _open_hashed, report_rows.hashed_rows, ("heads",)),
+    "fine-rerank": Kind(_base_encoder, _open_fine, report_rows.fine_rows, ("scorer",)),
+}
+
+
+def needs_hub(text: str) -> bool:
+    """Whether loading a spec downloads weights from the hub (its own or its base's)."""
+    spec = parse_spec(text)
+    if spec.kind == "open_clip":
+        tag = spec.config.get("pretrained") or ""
+        return bool(tag) and not Path(tag).suffix
+    return spec.base != spec.text and needs_hub(spec.base)
+
+
+def missing_weights(text: str) -> str | None:
+    """Why a spec cannot load from local files (None if it looks loadable)."""
+    try:
+        spec = parse_spec(text)
+    except ValueError as exc:
+        return str(exc)
+    for key in KINDS[spec.kind].needs_files:
+        if not spec.path(key).exists():
+            return f"{spec.config[key]} not found"
+    if spec.kind == "open_clip":
+        tag = spec.config.get("pretrained") or ""
+        if tag and Path(tag).suffix and not Path(tag).exists():
+            return f"{tag} not found"
+    if spec.base != spec.text:
+        return missing_weights(spec.base)
+    return None

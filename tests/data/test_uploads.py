@@ -1,0 +1,84 @@
+"""Own galleries: safe zip extraction (paths, links, limits, bombs), caching, allowed server folders."""
+import io
+import stat
+import zipfile
+
+import pytest
+from PIL import Image
+
+from matcher.data.gallery import open_gallery
+from matcher.data.uploads import UploadError, check_folder, extract_zip, safe_member_path
+
+
+def png_bytes(color=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_zip(path, members):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            if isinstance(data, zipfile.ZipInfo):
+                zf.writestr(data, b"target")
+            else:
+                zf.writestr(name, data)
+    return path
+
+
+def test_safe_member_path():
+    assert str(safe_member_path("a/b.jpg")) == "a/b.jpg"
+    assert str(safe_member_path("./a//b.jpg")) == "a/b.jpg"
+    for bad in ["../x.jpg", "a/../../x.jpg", "/etc/x.jpg", "C:/x.jpg", "a\\..\\..\\x.jpg", "", "a\x00.jpg"]:
+        assert safe_member_path(bad) is None, bad
+
+
+def test_extracts_images_and_captions_strips_top_folder_and_lists_skips(tmp_path):
+    link = zipfile.ZipInfo("trip/link.jpg")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    archive = make_zip(tmp_path / "trip.zip", {
+        "trip/a.png": png_bytes(), "trip/sub/b.png": png_bytes((0, 0, 200)), "trip/notes.txt": b"hello",
+        "trip/captions.jsonl": '{"image": "a.png", "captions": ["a red square"]}\n', "trip/../../evil.png": png_bytes(),
+        "__MACOSX/trip/._a.png": b"junk", "trip/link.jpg": link,
+    })
+    out = extract_zip(archive, tmp_path / "uploads")
+    reasons = dict(out.skipped)
+    assert reasons["trip/notes.txt"] == "not an image file"
+    assert "unsafe path" in reasons["trip/../../evil.png"] and "links" in reasons["trip/link.jpg"]
+    assert not (tmp_path / "evil.png").exists() and not list(tmp_path.rglob("evil.png"))
+    gallery = open_gallery(out.root)
+    assert sorted(gallery.names) == ["a.png", "sub/b.png"] and gallery.captions["a.png"] == ["a red square"]
+    again = extract_zip(archive, tmp_path / "uploads")
+    assert again.from_cache and again.root == out.root and dict(again.skipped) == reasons
+
+
+def test_not_a_zip_and_no_images_are_clear_errors(tmp_path):
+    (tmp_path / "photos.zip").write_text("not a zip")
+    with pytest.raises(UploadError, match="is not a zip file"):
+        extract_zip(tmp_path / "photos.zip", tmp_path / "u")
+    with pytest.raises(UploadError, match="no image files"):
+        extract_zip(make_zip(tmp_path / "t.zip", {"a.txt": b"x"}), tmp_path / "u")
+
+
+def test_count_size_and_bomb_limits(tmp_path):
+    many = make_zip(tmp_path / "many.zip", {f"{i}.png": png_bytes() for i in range(6)})
+    with pytest.raises(UploadError, match="limit is 5"):
+        extract_zip(many, tmp_path / "u", max_files=5)
+    with pytest.raises(UploadError, match="unpacks to more than"):
+        extract_zip(many, tmp_path / "u", max_total_bytes=len(png_bytes()) * 3)
+    assert not any((tmp_path / "u").glob("*.tmp*"))  # partial extraction cleaned up
+    bomb = make_zip(tmp_path / "bomb.zip", {"big.png": b"\0" * 3_000_000, "ok.png": png_bytes()})
+    out = extract_zip(bomb, tmp_path / "u", max_file_bytes=1_000_000)
+    assert "larger than" in dict(out.skipped)["big.png"] and out.files == 1
+
+
+def test_server_folders_only_below_allowed_roots(tmp_path):
+    inside = tmp_path / "shared" / "photos"
+    inside.mkdir(parents=True)
+    assert check_folder(str(inside), [tmp_path / "shared"]) == inside.resolve()
+    with pytest.raises(UploadError, match="outside the folders"):
+        check_folder("/etc", [tmp_path / "shared"])
+    with pytest.raises(UploadError, match="outside the folders"):
+        check_folder(str(inside / ".." / ".." ), [tmp_path / "shared"])
+    with pytest.raises(UploadError, match="not found"):
+        check_folder(str(tmp_path / "shared" / "missing"), [tmp_path / "shared"])
