@@ -1,14 +1,28 @@
-"""Where things live on disk: the repo's bundled assets and the user's cache directory."""
+"""Where things live on disk: the bundled assets (models, results, gallery) and the user's cache.
+
+The assets sit next to the package in a checkout (``pip install -e .`` or running from the repo).
+An installed copy of the package (``pip install .``) has no assets beside it: it then reads them
+from ``$MATCHER_HOME`` (a checkout), else from the current directory.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def _home() -> Path:
+    if os.environ.get("MATCHER_HOME"):
+        return Path(os.environ["MATCHER_HOME"]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "assets").is_dir() else Path.cwd()
+
+
+REPO_ROOT = _home()
 ASSETS_DIR = REPO_ROOT / "assets"
 MODELS_DIR = ASSETS_DIR / "models"
 DEFAULT_GALLERY = ASSETS_DIR / "gallery" / "flickr8k-test"
 RESULTS_DIR = ASSETS_DIR / "results"
+PACKAGE_DIR = Path(__file__).resolve().parent   # package data (model configs, recipes) travels with the code
 
 
 def cache_dir() -> Path:

