@@ -24,23 +24,15 @@ class ExactMatcher:
 
     def __init__(self, encoder: Encoder, gallery: Gallery, embeddings: GalleryEmbeddings | None = None,
                  name: str | None = None):
-        self.encoder, self._gallery = encoder, gallery
-        self._embeddings = embeddings or embed_gallery(encoder, gallery)
+        self.encoder, self.gallery = encoder, gallery
+        self.embeddings = embeddings or embed_gallery(encoder, gallery)
         self.name = name or encoder.name
-        dim = self._embeddings.images.shape[1]
+        dim = self.embeddings.images.shape[1]
         self.image_index = FloatIndex(dim)
-        self.image_index.add(self._embeddings.images)
+        self.image_index.add(self.embeddings.images)
         self.caption_index = FloatIndex(dim)
-        if len(self._embeddings.caption_texts):
-            self.caption_index.add(self._embeddings.captions)
-
-    @property
-    def gallery(self) -> Gallery:
-        return self._gallery
-
-    @property
-    def embeddings(self) -> GalleryEmbeddings:
-        return self._embeddings
+        if len(self.embeddings.caption_texts):
+            self.caption_index.add(self.embeddings.captions)
 
     def _image_hits(self, query: np.ndarray, k: int, clock: Stopwatch) -> SearchResult:
         with clock.stage("search"):

@@ -72,9 +72,9 @@ class HashedMatcher:
                  reranker: tuple[Encoder, GalleryEmbeddings] | None = None, name: str | None = None):
         if not hashers:
             raise ValueError("a hashed matcher needs at least one hasher")
-        self.encoder, self._gallery, self.hashers = encoder, gallery, dict(hashers)
-        self._embeddings = embeddings or embed_gallery(encoder, gallery)
-        self.rerank_encoder, self.rerank_embeddings = reranker or (None, self._embeddings)
+        self.encoder, self.gallery, self.hashers = encoder, gallery, dict(hashers)
+        self.embeddings = embeddings or embed_gallery(encoder, gallery)
+        self.rerank_encoder, self.rerank_embeddings = reranker or (None, self.embeddings)
         if self.rerank_embeddings.names != self.embeddings.names:
             raise ValueError("the re-ranker's gallery embeddings are not row-aligned with the base encoder's")
         self.name = name or f"{encoder.name}+hash"
@@ -98,14 +98,6 @@ class HashedMatcher:
         if bits not in self.hashers:
             raise QueryError(f"no {bits}-bit codes for this matcher; choose one of {sorted(self.hashers)}")
         return self.hashers[bits]
-
-    @property
-    def gallery(self) -> Gallery:
-        return self._gallery
-
-    @property
-    def embeddings(self) -> GalleryEmbeddings:
-        return self._embeddings
 
     def _search(self, base_query: np.ndarray, rerank_query: np.ndarray, modality: str, target: str,
                 options: SearchOptions, clock: Stopwatch) -> SearchResult:

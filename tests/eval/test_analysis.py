@@ -26,7 +26,7 @@ def embeddings(caption_vectors):
 def float_matcher(emb: GalleryEmbeddings) -> ExactMatcher:
     """An exact matcher over hand-made embeddings (no encoder: every query is a gallery caption)."""
     matcher = ExactMatcher.__new__(ExactMatcher)
-    matcher.encoder, matcher.name, matcher._embeddings = None, "float", emb
+    matcher.encoder, matcher.name, matcher.embeddings = None, "float", emb
     return matcher
 
 
