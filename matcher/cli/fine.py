@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 
 from matcher.atomic import write_json
@@ -23,52 +22,53 @@ def _threads(n: int) -> None:
 def cmd_train_fine(args: argparse.Namespace) -> None:
     import torch
 
-    from matcher.finegrained.checkpoints import teacher_heads
+    from matcher.cli.train import recipe_arg
+    from matcher.finegrained.checkpoints import FineRecipe, build_scorer, load_scorer, save_scorer, teacher_heads
     from matcher.finegrained.features import dual_similarity, fine_features
-    from matcher.finegrained.checkpoints import FineRecipe, build_scorer, load_scorer, save_scorer
     from matcher.finegrained.train import train_scorer
     from matcher.train.features import Flickr8k
 
+    recipe = recipe_arg(FineRecipe, args)
+    name = Path(args.recipe).name.removesuffix(".json").removesuffix(".train").removeprefix("fine-")
+    out = Path(args.out or f"assets/models/fine/{name}.pt")
     _threads(args.threads)
-    overrides = {f.name: getattr(args, f.name) for f in fields(FineRecipe) if getattr(args, f.name, None) is not None}
-    recipe = FineRecipe(**overrides)
     torch.manual_seed(recipe.seed)  # the code queries are drawn when the scorer is built
     feats = fine_features(Flickr8k.load(args.data), args.teacher)
     image_head, text_head, _ = teacher_heads(args.teacher)
     teacher = None
-    if args.distill_from:  # shrink: start from the big scorer, learn from its in-batch scores
+    if recipe.distill_from:  # shrink: start from the big scorer, learn from its in-batch scores
         from matcher.finegrained.scorers import CodeScorer
 
-        teacher, big_recipe, _ = load_scorer(args.distill_from, image_head, text_head)
+        teacher, big_recipe, _ = load_scorer(recipe.distill_from, image_head, text_head)
         scorer = (CodeScorer.shrunk_from(teacher, recipe.codes) if recipe.tier == "codes" == big_recipe.tier
                   else build_scorer(recipe, image_head, text_head))
     else:
         scorer = build_scorer(recipe, image_head, text_head)
     dual_val = dual_similarity(feats["val"], image_head, text_head)
     result = train_scorer(scorer, feats["train"], feats["val"], dual_val, recipe, teacher)
-    meta = {"teacher": args.teacher, "distill_from": args.distill_from, "best_epoch": result["best_epoch"],
+    distill_from = recipe.distill_from or None
+    meta = {"teacher": args.teacher, "distill_from": distill_from, "best_epoch": result["best_epoch"],
             "val": result["val"], "data": "Flickr8k train (first view), selected on val"}
-    save_scorer(args.out, scorer, recipe, meta)
-    write_json(Path(args.out).with_suffix(".train.json"), {**result, "distill_from": args.distill_from})
-    print(f"saved {args.out} (best epoch {result['best_epoch']}, val rsum {result['val']['rsum']:.2f})")
+    save_scorer(out, scorer, recipe, meta)
+    write_json(out.with_suffix(".train.json"), {**result, "distill_from": distill_from})
+    print(f"saved {out} (best epoch {result['best_epoch']}, val rsum {result['val']['rsum']:.2f})")
 
 
 def cmd_train_cross(args: argparse.Namespace) -> None:
-    """Cross-encoder on dual hard negatives, then its decomposition distilled from it."""
+    """Cross-encoder on dual hard negatives, then (``decompose``) its decomposition distilled from it."""
     from dataclasses import asdict
 
-    from matcher.finegrained.cross import CrossEncoder, DecomposedEncoder
-    from matcher.finegrained.cross_train import CrossRecipe, train_cross, train_decomposed
-    from matcher.finegrained.checkpoints import teacher_heads
-    from matcher.finegrained.features import dual_similarity, fine_features
-    from matcher.finegrained.checkpoints import save_cross
-    from matcher.train.features import Flickr8k
-
-    _threads(args.threads)
-    overrides = {f.name: getattr(args, f.name) for f in fields(CrossRecipe) if getattr(args, f.name, None) is not None}
-    recipe = CrossRecipe(**overrides)
     import torch
 
+    from matcher.cli.train import recipe_arg
+    from matcher.finegrained.checkpoints import save_cross, teacher_heads
+    from matcher.finegrained.cross import CrossEncoder, DecomposedEncoder
+    from matcher.finegrained.cross_train import CrossRecipe, train_cross, train_decomposed
+    from matcher.finegrained.features import dual_similarity, fine_features
+    from matcher.train.features import Flickr8k
+
+    recipe = recipe_arg(CrossRecipe, args)
+    _threads(args.threads)
     torch.manual_seed(recipe.seed)  # the transformer's weights are drawn when it is built
     feats = fine_features(Flickr8k.load(args.data), args.teacher)
     image_head, text_head, teacher_scale = teacher_heads(args.teacher)
@@ -82,7 +82,7 @@ def cmd_train_cross(args: argparse.Namespace) -> None:
     save_cross(out / f"{name}.pt", "cross", cross, {**asdict(recipe), "residual_scale": residual_scale},
                {"val": cross_result["val"]})
     write_json(out / f"{name}.train.json", {"recipe": asdict(recipe), "cross": cross_result})
-    if not args.decompose:
+    if not recipe.decompose:
         print(f"saved {out / name}.pt")
         return
     decomposed = DecomposedEncoder(cross)
@@ -100,15 +100,6 @@ def cmd_eval_fine(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
-def _recipe_flags(p: argparse.ArgumentParser, recipe_cls) -> None:
-    """One optional flag per recipe field (booleans as switches); unset flags keep the recipe default."""
-    for f in fields(recipe_cls):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
-
-
 def _parser(sub, name: str, default_data: str, help: str) -> argparse.ArgumentParser:
     """A fine-tier command: every one reads the Flickr8k folder and the teacher checkpoint."""
     p = sub.add_parser(name, help=help)
@@ -119,22 +110,19 @@ def _parser(sub, name: str, default_data: str, help: str) -> argparse.ArgumentPa
 
 def add_commands(sub) -> None:
     default_data = str(DEFAULT_DATA)
-    from matcher.finegrained.checkpoints import FineRecipe
+    from matcher.cli.train import add_recipe_options
 
     p = _parser(sub, "train-fine", default_data, help="train a fine-grained tier (alignment re-ranker or code late interaction)")
-    p.add_argument("--out", required=True, help="e.g. assets/models/fine/alignment.pt (+ .train.json)")
-    p.add_argument("--distill-from", dest="distill_from", help="a trained (larger) fine scorer to distil from")
+    add_recipe_options(p, "fine-alignment-sum")
+    p.add_argument("--out", help="default: assets/models/fine/NAME.pt for recipe [fine-]NAME.json (+ .train.json)")
     p.add_argument("--threads", type=int, default=1)
-    _recipe_flags(p, FineRecipe)
     p.set_defaults(func=cmd_train_fine)
 
-    from matcher.finegrained.cross_train import CrossRecipe
-
-    p = _parser(sub, "train-cross", default_data, help="train the cross-encoder (dual hard negatives) and its decomposition")
+    p = _parser(sub, "train-cross", default_data, help="train the cross-encoder (dual hard negatives) and, with "
+                                                       "decompose, its decomposition")
+    add_recipe_options(p, "cross")
     p.add_argument("--out-dir", dest="out_dir", default="assets/models/fine")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--decompose", action="store_true", help="also train the decomposition from the cross-encoder")
-    _recipe_flags(p, CrossRecipe)
     p.set_defaults(func=cmd_train_cross)
 
     p = _parser(sub, "eval-fine", default_data, help="val/test recall and costs of every fine tier vs the dual teacher")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import fields
+from dataclasses import asdict
 from pathlib import Path
 
 from matcher.atomic import write_json, write_records_csv
-from matcher.cli.common import DEFAULT_DATA
+from matcher.cli.common import DEFAULT_DATA, fail
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +30,35 @@ def default_base() -> str:
 def cmd_train_hash(args: argparse.Namespace) -> None:
     import torch
 
-    from matcher.hashing.heads import HEIHasher, save_heads
+    from matcher.cli.train import recipe_arg
+    from matcher.hashing.bench import split_embeddings
+    from matcher.hashing.heads import HEIHasher, base_probe, save_heads
     from matcher.hashing.report import baseline_hashers, comparison_records
     from matcher.hashing.train import HashRecipe, train_heads
 
+    recipe = recipe_arg(HashRecipe, args)
+    try:
+        code_lengths = recipe.code_lengths()
+    except ValueError as exc:
+        fail(exc)
     torch.set_num_threads(args.threads)
-    args.model = args.model or default_base()
-    from matcher.hashing.bench import split_embeddings
-
-    base, encoder = split_embeddings(args.model, args.data, ("train", "val", "test"))
-    target = split_embeddings(args.target, args.data, ("train",))[0] if args.target != args.model else base
-    overrides = {f.name: getattr(args, f.name) for f in fields(HashRecipe) if getattr(args, f.name, None) is not None}
-    recipe = HashRecipe(**overrides)
+    base, encoder = split_embeddings(recipe.base, args.data, ("train", "val", "test"))
+    target = split_embeddings(recipe.target, args.data, ("train",))[0] if recipe.target != recipe.base else base
     heads, training, hashers = {}, [], []
-    for bits in _int_list(args.bits):
+    for bits in code_lengths:
         heads[bits], record = train_heads(base["train"], target["train"], base["val"], bits, recipe)
         training.append(record)
         hashers += [HEIHasher(heads[bits]), *baseline_hashers(base["train"], bits)]
         print(f"{bits} bits: best epoch {record['best_epoch']}, val candidate recall {record['val_candidate_recall']:.4f}")
-    from matcher.hashing.heads import base_probe
-
-    meta = {"base": args.model, "base_fingerprint": encoder.fingerprint(), "base_probe": base_probe(encoder),
-            "target": args.target,
-            "recipe": training[0]["recipe"] if training else {}, "data": str(args.data),
+    meta = {"base": recipe.base, "base_fingerprint": encoder.fingerprint(), "base_probe": base_probe(encoder),
+            "target": recipe.target, "recipe": asdict(recipe), "data": str(args.data),
             "best_epochs": {r["bits"]: r["best_epoch"] for r in training}}
     save_heads(args.out, heads, meta)
+    write_json(Path(args.out).with_suffix(".train.json"), {"recipe": asdict(recipe), "training": training})
     print(f"saved {args.out}")
     records = comparison_records(hashers, base["val"], "val") + comparison_records(hashers, base["test"], "test")
     results = Path(args.results)
-    write_json(results.with_suffix(".json"), {"base": args.model, "target": args.target, "heads": str(args.out),
+    write_json(results.with_suffix(".json"), {"base": recipe.base, "target": recipe.target, "heads": str(args.out),
                                               "records": records, "training": training})
     write_records_csv(results.with_suffix(".csv"), records)
     print(format_comparison([r for r in records if r["split"] == "test"]))
@@ -84,22 +84,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def add_commands(sub) -> None:
     default_data = str(DEFAULT_DATA)
-    from matcher.hashing.train import HashRecipe
+    from matcher.cli.train import add_recipe_options
 
-    p = sub.add_parser("train-hash", help="train HEI hash heads on a float encoder's Flickr8k train embeddings")
-    p.add_argument("--model", help="base float encoder spec (default: offline-student if registered, else offline-teacher)")
-    p.add_argument("--target", default="offline-teacher", help="matching scores for the non-matched bound")
+    p = sub.add_parser("train-hash", help="train HEI hash heads on a float encoder's Flickr8k train embeddings "
+                                          "(recipe: base and target encoders, code lengths, optimisation)")
+    add_recipe_options(p, "hash")
     p.add_argument("--data", default=default_data)
-    p.add_argument("--bits", default="32,64,128,256")
-    p.add_argument("--out", default="assets/models/offline-hashed.pt")
+    p.add_argument("--out", default="assets/models/offline-hashed.pt", help="heads (+ .train.json with the recipe)")
     p.add_argument("--results", default="assets/results/hashing", help="writes .json and .csv (HEI vs LSH vs ITQ)")
     p.add_argument("--threads", type=int, default=1)
-    for f in fields(HashRecipe):
-        kind = {"calibrate": None}.get(f.name, type(f.default))
-        if kind is None:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind)
     p.set_defaults(func=cmd_train_hash)
 
     p = sub.add_parser("bench", help="scale benchmark: float flat/HNSW vs binary flat vs binary+re-rank")

@@ -36,6 +36,7 @@ class FineRecipe:
     distill_scale: float = 20.0  # logit scale applied to both matrices in the ListNet term
     candidates: int = 20         # val shortlist size for re-ranker selection
     seed: int = 0
+    distill_from: str = ""       # a trained (larger) fine scorer to start from and distil (shrinking codes)
 
 
 def build_scorer(recipe: FineRecipe, image_head: torch.nn.Linear, text_head: torch.nn.Linear):

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from matcher.eval.metrics import retrieval_metrics
 from matcher.finegrained.evaluate import encode_split, full_scores, rerank_metrics, score_shortlists
 from matcher.finegrained.features import FineSplit
+from matcher.train.loop import Optimiser, Round, fit, seeded, trainable
 from matcher.train.losses import ContrastiveLoss, ListNetLoss
-from matcher.eval.metrics import retrieval_metrics
-from matcher.train.selection import BestOnVal
 
 
 @dataclass
@@ -46,6 +47,7 @@ class CrossRecipe:
     contrastive_weight: float = 1.0
     eval_every: int = 100
     seed: int = 0
+    decompose: bool = False       # train-cross: also distil the decomposition from the trained cross-encoder
 
 
 def hard_negatives(dual: np.ndarray, caption_image: np.ndarray, pool: int) -> np.ndarray:
@@ -60,40 +62,49 @@ def _rerank_val(cross, val: FineSplit, dual_val: np.ndarray, candidates: int) ->
     return rerank_metrics(dual_val, score_shortlists(cross, enc, dual_val, candidates), val.caption_image)
 
 
+def _fit_steps(module, name: str, label: str, lr: float, steps: int, eval_every: int, batch: Callable[[], tuple],
+               loss: Callable[[tuple], torch.Tensor], validate: Callable[[], dict], log) -> dict:
+    """``steps`` AdamW steps (one-cycle, 10 % warm-up), validated every ``eval_every`` steps and at
+    the last; the best val checkpoint is restored. Entries: step, mean loss of the last ``eval_every``
+    steps, val rsum (logged as ``label``), seconds since the start."""
+    def evaluate(r: Round) -> dict | None:
+        if r.index % eval_every and r.index != steps:
+            return None
+        m = validate()
+        return {"step": r.index, "loss": float(np.mean(r.losses[-eval_every:])), "val_rsum": m["rsum"], "val": m,
+                "seconds": round(time.time() - r.began, 1)}
+
+    def report(entry: dict) -> None:
+        log(f"[{name}] step {entry['step']}  loss {entry['loss']:.4f}  {label} {entry['val_rsum']:.2f}  "
+            f"({entry['seconds']:.0f}s)")
+
+    best = fit(module, Optimiser([{"params": trainable(module), "lr": lr}], 1e-4, steps, pct_start=0.1),
+               loss, lambda _step: [batch()], evaluate, rounds=steps, log=report)
+    return {"history": best.history, "best_step": best.best["step"], "val": best.best["val"]}
+
+
 def train_cross(cross, train: FineSplit, dual_train: np.ndarray, val: FineSplit, dual_val: np.ndarray,
                 recipe: CrossRecipe, log=print) -> dict:
     """Hard-negative training; the best val re-ranking checkpoint (every ``eval_every`` steps) is kept."""
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
+    rng = seeded(recipe.seed)
     negatives = hard_negatives(dual_train, train.caption_image, recipe.pool)
-    params = [p for p in cross.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.1)
-    best, losses, began = BestOnVal(cross), [], time.time()
     k = recipe.negatives + 1
-    for step in range(1, recipe.steps + 1):
-        cross.train()
+
+    def batch() -> tuple:
         caps = rng.integers(0, train.n_captions, recipe.batch_size)
         own = train.caption_image[caps]
         neg = np.stack([rng.choice(negatives[c], recipe.negatives, replace=False) for c in caps])
-        images = np.concatenate([own[:, None], neg], 1).ravel()                      # [B * k]
+        return caps, np.concatenate([own[:, None], neg], 1).ravel()                  # images: [B * k]
+
+    def loss(b: tuple) -> torch.Tensor:
+        caps, images = b
         tokens, mask = train.token_batch(caps)
         txt = cross.encode_text(tokens, mask).repeat_interleave(k, 0)
         scores = cross.score_pairs(cross.encode_image(train.region_batch(images)), txt, mask.repeat_interleave(k, 0))
-        loss = F.cross_entropy(scores.view(-1, k), torch.zeros(len(caps), dtype=torch.long))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        if step % recipe.eval_every == 0 or step == recipe.steps:
-            m = _rerank_val(cross, val, dual_val, recipe.candidates)
-            best.record({"step": step, "loss": float(np.mean(losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
-                         "val": m, "seconds": round(time.time() - began, 1)})
-            log(f"[cross] step {step}  loss {best.history[-1]['loss']:.4f}  val rsum (re-rank C={recipe.candidates}) "
-                f"{m['rsum']:.2f}  ({time.time() - began:.0f}s)")
-    chosen = best.restore()
-    return {"history": best.history, "best_step": chosen["step"], "val": chosen["val"]}
+        return F.cross_entropy(scores.view(-1, k), torch.zeros(len(caps), dtype=torch.long))
+
+    return _fit_steps(cross, "cross", f"val rsum (re-rank C={recipe.candidates})", recipe.lr, recipe.steps,
+                      recipe.eval_every, batch, loss, lambda: _rerank_val(cross, val, dual_val, recipe.candidates), log)
 
 
 def decomposition_loss(decomposed, cross, train: FineSplit, rows: np.ndarray, captions: np.ndarray,
@@ -112,30 +123,17 @@ def decomposition_loss(decomposed, cross, train: FineSplit, rows: np.ndarray, ca
 
 def train_decomposed(decomposed, cross, train: FineSplit, val: FineSplit, recipe: CrossRecipe, log=print) -> dict:
     """Distil the cross-encoder into its decomposition; best exhaustive val rsum kept."""
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed + 1)
+    rng = seeded(recipe.seed, stream=1)
     cross.eval()
-    params = [p for p in decomposed.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.decomp_lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.decomp_lr, total_steps=recipe.decomp_steps,
-                                                    pct_start=0.1)
-    best, losses, began = BestOnVal(decomposed), [], time.time()
-    for step in range(1, recipe.decomp_steps + 1):
-        decomposed.train()
+
+    def batch() -> tuple:
         rows = rng.choice(len(train), recipe.decomp_batch, replace=False)
-        captions = rows * train.captions_per_image + rng.integers(0, train.captions_per_image, len(rows))
-        loss = decomposition_loss(decomposed, cross, train, rows, captions, recipe.contrastive_weight)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        if step % recipe.eval_every == 0 or step == recipe.decomp_steps:
-            enc = encode_split(decomposed, val)
-            m = retrieval_metrics(full_scores(decomposed, enc, chunk=5000), val.caption_image)
-            best.record({"step": step, "loss": float(np.mean(losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
-                         "val": m, "seconds": round(time.time() - began, 1)})
-            log(f"[decomposed] step {step}  loss {best.history[-1]['loss']:.4f}  val rsum {m['rsum']:.2f}  "
-                f"({time.time() - began:.0f}s)")
-    chosen = best.restore()
-    return {"history": best.history, "best_step": chosen["step"], "val": chosen["val"]}
+        return rows, rows * train.captions_per_image + rng.integers(0, train.captions_per_image, len(rows))
+
+    def validate() -> dict:
+        enc = encode_split(decomposed, val)
+        return retrieval_metrics(full_scores(decomposed, enc, chunk=5000), val.caption_image)
+
+    return _fit_steps(decomposed, "decomposed", "val rsum", recipe.decomp_lr, recipe.decomp_steps, recipe.eval_every,
+                      batch, lambda b: decomposition_loss(decomposed, cross, train, *b, recipe.contrastive_weight),
+                      validate, log)

@@ -13,20 +13,18 @@ re-ranker, exhaustive rsum for a late-interaction (code) scorer.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from matcher.atomic import atomic_path
+from matcher.eval.metrics import retrieval_metrics
+from matcher.finegrained.checkpoints import FineRecipe
 from matcher.finegrained.evaluate import encode_split, full_scores, rerank_metrics, score_shortlists
 from matcher.finegrained.features import FineSplit
-from matcher.finegrained.checkpoints import FineRecipe, build_scorer
+from matcher.train.loop import Optimiser, Round, fit, seeded, trainable
 from matcher.train.losses import ContrastiveLoss, ListNetLoss, TripletHingeLoss
-from matcher.eval.metrics import retrieval_metrics
 from matcher.train.selection import BestOnVal
-
 
 
 def batch_scores(scorer, split: FineSplit, rows: np.ndarray, captions: np.ndarray) -> torch.Tensor:
@@ -44,9 +42,8 @@ def val_metrics(scorer, split: FineSplit, dual: np.ndarray, recipe: FineRecipe) 
 
 def train_scorer(scorer, train: FineSplit, val: FineSplit, dual_val: np.ndarray, recipe: FineRecipe,
                  teacher=None, log=print) -> dict:
-    """Train in place, restore the best val epoch; returns the history."""
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
+    """Train in place, restore the best val epoch (the untrained scorer counts as epoch 0); returns the history."""
+    rng = seeded(recipe.seed)
     listnet = ListNetLoss()
     if recipe.loss == "triplet":
         base = TripletHingeLoss(recipe.margin)
@@ -56,41 +53,40 @@ def train_scorer(scorer, train: FineSplit, val: FineSplit, dual_val: np.ndarray,
     if recipe.freeze_projections:
         scorer.image_proj.requires_grad_(False)
         scorer.text_proj.requires_grad_(False)
-    params = [p for p in scorer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps = recipe.epochs * (len(train) // recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=max(steps, 1),
-                                                    pct_start=0.1)
     if teacher is not None:
         teacher.eval()
+
+    def batches(_epoch: int):
+        order = rng.permutation(len(train))
+        for s in range(0, len(order) - recipe.batch_size + 1, recipe.batch_size):
+            rows = order[s:s + recipe.batch_size]
+            yield rows, rows * train.captions_per_image + rng.integers(0, train.captions_per_image, len(rows))
+
+    def step(batch) -> torch.Tensor:
+        rows, captions = batch
+        sim = batch_scores(scorer, train, rows, captions)
+        loss = base(sim)
+        if teacher is not None:
+            with torch.no_grad():
+                target = batch_scores(teacher, train, rows, captions)
+            loss = loss + recipe.distill_weight * listnet(recipe.distill_scale * sim, recipe.distill_scale * target)
+        return loss
+
+    def evaluate(r: Round) -> dict:
+        metrics = val_metrics(scorer, val, dual_val, recipe)
+        return {"epoch": r.index, "loss": r.loss, "val_rsum": metrics["rsum"], "val": metrics,
+                "seconds": round(time.time() - r.started, 1)}
+
+    def report(entry: dict) -> None:
+        log(f"[{recipe.tier}] epoch {entry['epoch']}  loss {entry['loss']:.4f}  val rsum {entry['val_rsum']:.2f}  "
+            f"({entry['seconds']:.0f}s)")
+
     start = val_metrics(scorer, val, dual_val, recipe)
     best = BestOnVal(scorer)
     best.record({"epoch": 0, "val_rsum": start["rsum"], "val": start})
     log(f"[{recipe.tier}] epoch 0 (init)  val rsum {start['rsum']:.2f}")
-    for epoch in range(1, recipe.epochs + 1):
-        scorer.train()
-        began, losses = time.time(), []
-        order = rng.permutation(len(train))
-        for s in range(0, len(order) - recipe.batch_size + 1, recipe.batch_size):
-            rows = order[s:s + recipe.batch_size]
-            captions = rows * train.captions_per_image + rng.integers(0, train.captions_per_image, len(rows))
-            sim = batch_scores(scorer, train, rows, captions)
-            loss = base(sim)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = batch_scores(teacher, train, rows, captions)
-                loss = loss + recipe.distill_weight * listnet(recipe.distill_scale * sim, recipe.distill_scale * target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        metrics = val_metrics(scorer, val, dual_val, recipe)
-        best.record({"epoch": epoch, "loss": float(np.mean(losses)), "val_rsum": metrics["rsum"], "val": metrics,
-                     "seconds": round(time.time() - began, 1)})
-        log(f"[{recipe.tier}] epoch {epoch}  loss {np.mean(losses):.4f}  val rsum {metrics['rsum']:.2f}  "
-            f"({time.time() - began:.0f}s)")
-    chosen = best.restore()
+    optimiser = Optimiser([{"params": trainable(scorer), "lr": recipe.lr}], recipe.weight_decay,
+                          recipe.epochs * (len(train) // recipe.batch_size), pct_start=0.1)
+    fit(scorer, optimiser, step, batches, evaluate, rounds=recipe.epochs, best=best, log=report)
+    chosen = best.best  # restored by fit
     return {"recipe": asdict(recipe), "history": best.history, "best_epoch": chosen["epoch"], "val": chosen["val"]}
-
-

@@ -10,23 +10,28 @@ come from the ``target`` embeddings (teacher, or the student itself).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from matcher.data.embed import GalleryEmbeddings
 from matcher.hashing.evaluate import candidate_recall, shortlist
 from matcher.hashing.heads import HashHeads, HEIHasher
+from matcher.train.loop import Optimiser, Round, fit, seeded
 from matcher.train.losses import HEILoss
-
-log = logging.getLogger(__name__)
+from matcher.train.selection import BestOnVal
 
 
 @dataclass
 class HashRecipe:
+    """Everything that determines the trained hash heads (stored in their checkpoint's metadata).
+
+    ``base``, ``target`` and ``bits`` are read by ``train-hash``: the encoder whose embeddings are
+    hashed, the encoder whose scores bound the non-matched pairs, and the code lengths (one head
+    pair each); ``train_heads`` gets the embeddings and one code length from it.
+    """
+
     epochs: int = 40
     batch_size: int = 256
     lr: float = 3e-3
@@ -37,6 +42,15 @@ class HashRecipe:
     calibrate: bool = False        # map target scores by a fixed affine a*S+b (see ``target_calibration``)
     select_candidates: int = 100   # C at which val candidate recall picks the epoch
     seed: int = 0
+    base: str = "offline-student"
+    target: str = "offline-teacher"
+    bits: str = "32,64,128,256"    # comma-separated code lengths
+
+    def code_lengths(self) -> list[int]:
+        try:
+            return [int(b) for b in self.bits.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"bits must be comma-separated code lengths such as 32,64, not {self.bits!r}") from None
 
 
 def _caption_lists(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
@@ -75,40 +89,39 @@ def train_heads(train: GalleryEmbeddings, target: GalleryEmbeddings, val: Galler
     """Train one code length. Returns the best-on-val heads and a history record."""
     if target.names != train.names or len(target.caption_texts) != len(train.caption_texts):
         raise ValueError("target embeddings must cover the same train images and captions as the base embeddings")
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
+    rng = seeded(recipe.seed)
     heads = HashHeads(train.images.shape[1], bits, recipe.hidden)
     heads.image.fit_input(train.images)
     heads.text.fit_input(train.captions)
-    opt = torch.optim.AdamW(heads.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = max(1, len(train.names) // recipe.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.epochs * steps_per_epoch)
     loss_fn = HEILoss(recipe.neg_weight, recipe.quant_weight)
     captions_of = _caption_lists(train.caption_image, len(train.names))
     usable = np.array([i for i, c in enumerate(captions_of) if len(c)])
     x_img, x_txt = torch.from_numpy(train.images), torch.from_numpy(train.captions)
     t_img, t_txt = torch.from_numpy(target.images), torch.from_numpy(target.captions)
     scale, shift = target_calibration(target) if recipe.calibrate else (1.0, 0.0)
-    best, best_score, history = None, -1.0, []
-    for epoch in tqdm(range(recipe.epochs), desc=f"HEI {bits} bits", unit="epoch", disable=not progress):
-        heads.train()
-        perm, losses = rng.permutation(usable), []
+
+    def batches(_epoch: int):
+        perm = rng.permutation(usable)
         for step in range(steps_per_epoch):
             img = perm[step * recipe.batch_size:(step + 1) * recipe.batch_size]
-            cap = np.array([rng.choice(captions_of[i]) for i in img])
-            h, g = heads.image(x_img[img]), heads.text(x_txt[cap])
-            loss = loss_fn(h @ g.T / bits, scale * (t_img[img] @ t_txt[cap].T) + shift, codes=(h, g))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            yield img, np.array([rng.choice(captions_of[i]) for i in img])
+
+    def step(batch) -> torch.Tensor:
+        img, cap = batch
+        h, g = heads.image(x_img[img]), heads.text(x_txt[cap])
+        return loss_fn(h @ g.T / bits, scale * (t_img[img] @ t_txt[cap].T) + shift, codes=(h, g))
+
+    def evaluate(r: Round) -> dict:
         heads.eval()
-        score = val_candidate_recall(HEIHasher(heads), val, recipe.select_candidates)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_candidate_recall": score})
-        if score > best_score:
-            best_score, best = score, {k: v.clone() for k, v in heads.state_dict().items()}
-    heads.load_state_dict(best)
-    best_epoch = max(history, key=lambda r: r["val_candidate_recall"])["epoch"]
-    return heads, {"bits": bits, "recipe": asdict(recipe), "best_epoch": best_epoch,
-                   "val_candidate_recall": best_score, "target_scale": scale, "target_shift": shift, "history": history}
+        return {"epoch": r.index - 1, "loss": r.loss,  # epochs count from 0 here (as in the shipped heads' metadata)
+                "val_candidate_recall": val_candidate_recall(HEIHasher(heads), val, recipe.select_candidates)}
+
+    optimiser = Optimiser([{"params": list(heads.parameters()), "lr": recipe.lr}], recipe.weight_decay,
+                          recipe.epochs * steps_per_epoch, schedule="cosine")
+    best = fit(heads, optimiser, step, batches, evaluate, rounds=recipe.epochs, steps_per_round=steps_per_epoch,
+               best=BestOnVal(heads, key="val_candidate_recall"),
+               progress=f"HEI {bits} bits, epoch" if progress else None)
+    return heads, {"bits": bits, "recipe": asdict(recipe), "best_epoch": best.best["epoch"],
+                   "val_candidate_recall": best.best["val_candidate_recall"], "target_scale": scale,
+                   "target_shift": shift, "history": best.history}

@@ -1,1 +1,3 @@
-"""Training: cached tower features, the teacher, distilled students and hash heads."""
+"""Training: cached tower features, the teacher and the distilled students; shared by every trainer
+(fine tiers and hash heads included): the loop (``loop.fit``), the losses (``losses``), best-on-val
+selection (``selection``) and the shipped recipes as files (``recipes/``)."""

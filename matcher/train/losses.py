@@ -7,10 +7,13 @@ matrices of a batch (rows = images, columns = texts) whose diagonal holds the ma
 
 - ``"logits"``: cosine similarity times the model's own learned logit scale (1/temperature);
   the student's scale is a trained parameter, the teacher's is the one it was trained with;
-- ``"cosine"``: the raw cosine similarities.
+- ``"cosine"``: the raw cosine similarities;
+- ``"embeddings"``: not similarities but row-aligned unit-norm embeddings [B, D] of the student and
+  the teacher (``EmbeddingDistillationLoss``, the feature-distillation pull).
 
 Distillation losses (``DISTILLATION_LOSSES``): ``wsd``, ``listnet``, ``affinity``, ``mse``.
-``contrastive`` needs no teacher. ``build_objective`` mixes one of them with the contrastive loss.
+``contrastive`` needs no teacher (the teacher itself trains with it on its own logits).
+``DistillationObjective`` mixes one of them with the contrastive loss.
 """
 from __future__ import annotations
 
@@ -72,6 +75,19 @@ class HEILoss(nn.Module):
             loss = loss + self.quant_weight * quant
         return loss
 
+
+class EmbeddingDistillationLoss(nn.Module):
+    """Embedding (feature) distillation: L = mean_i (1 - cos(s_i, t_i)) over the batch's rows.
+
+    ``sim_student`` and ``sim_teacher`` are [B, D] unit-norm embeddings of the same B images (or
+    captions) from the student and the teacher, in spaces of the same size; on unit vectors the
+    cosine is the dot product. The student trainer adds it once for images and once for captions.
+    """
+
+    inputs = "embeddings"
+
+    def forward(self, sim_student: torch.Tensor, sim_teacher: torch.Tensor) -> torch.Tensor:
+        return 1 - (sim_student * sim_teacher.detach()).sum(-1).mean()
 
 
 class ListNetLoss(nn.Module):

@@ -1,7 +1,8 @@
 """Checkpoint selection on the validation split, shared by every trainer in the project.
 
-Why one class: each trainer (teacher, student, fine scorers, cross-encoder) trains on ``train``,
-keeps the weights of its best validation rsum and reports test numbers elsewhere. Written once, the
+Why one class: each trainer (teacher, student, fine scorers, cross-encoder, hash heads) trains on
+``train``, keeps the weights of its best validation score and reports test numbers elsewhere (the
+loop that drives them all is ``matcher.train.loop.fit``). Written once, the
 rule is the same everywhere: strictly better replaces, so of equal scores the earliest is kept, and
 the entry returned by ``restore`` is the one whose weights are restored.
 """
@@ -13,18 +14,19 @@ from torch import nn
 
 
 class BestOnVal:
-    """The history of validation entries (dicts with ``val_rsum``) and a copy of the best weights."""
+    """The history of validation entries (dicts with the score ``key``, ``val_rsum`` unless a trainer
+    selects on another score) and a copy of the best weights."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, key: str = "val_rsum") -> None:
+        self.module, self.key = module, key
         self.history: list[dict] = []
         self.best: dict | None = None
         self._state: dict | None = None
 
     def record(self, entry: dict) -> None:
-        """Append ``entry``; copy the module's weights if its ``val_rsum`` beats every earlier one."""
+        """Append ``entry``; copy the module's weights if its score beats every earlier one."""
         self.history.append(entry)
-        if self.best is None or entry["val_rsum"] > self.best["val_rsum"]:
+        if self.best is None or entry[self.key] > self.best[self.key]:
             self.best, self._state = entry, copy.deepcopy(self.module.state_dict())
 
     def restore(self) -> dict:

@@ -8,14 +8,13 @@ batch's teacher similarity matrix is then a [B, D] x [D, B] product.
 
 Objective (``matcher.train.losses.DistillationObjective``):
     distill_weight * L_name(S, T) + contrastive_weight * InfoNCE(S) + embed_weight * L_embed
-where L_embed = mean(1 - cos(student, teacher)) over the batch's image and caption embeddings
-(optional feature distillation; both live in 256-d spaces). The best epoch on val is kept.
+where L_embed = mean(1 - cos(student, teacher)) over the batch's image embeddings plus the same over
+its caption embeddings (``EmbeddingDistillationLoss``, optional feature distillation; both live in
+256-d spaces). The loop (optimiser, schedule, best epoch on val) is ``matcher.train.loop.fit``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,19 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from matcher.atomic import atomic_path
-from matcher.models.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
-from matcher.train.losses import DistillationObjective
 from matcher.eval.metrics import retrieval_metrics
+from matcher.models.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
 from matcher.models.student_towers import caption_vocabulary, init_from_minilm
-from matcher.train.features import Flickr8k, cached_arrays, file_digest, cached_image_features, cached_text_features
+from matcher.train.features import Flickr8k, cached_arrays, cached_image_features, cached_text_features, file_digest
+from matcher.train.loop import Optimiser, Round, fit, seeded, train_frozen_batchnorm
+from matcher.train.losses import DistillationObjective, EmbeddingDistillationLoss
 from matcher.train.pairs import CachedSplit
-from matcher.train.selection import BestOnVal
-from matcher.train.teacher import _set_train_mode, cached_metrics, embed_split
-
-log = logging.getLogger(__name__)
+from matcher.train.teacher import cached_metrics, embed_split
 
 DEFAULT_TEACHER = "assets/models/offline-teacher.pt"
 
@@ -189,8 +185,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     """Train, keep the best epoch on val, save the checkpoint; returns the training history."""
     if recipe.teacher_side not in ("none", "text", "image"):
         raise ValueError(f"teacher_side must be none, text or image, not {recipe.teacher_side!r}")
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
+    rng = seeded(recipe.seed)
     data = Flickr8k.load(data_root)
     needs_teacher = recipe.loss != "contrastive" or recipe.embed_weight > 0 or recipe.teacher_side != "none"
     targets = None
@@ -220,49 +215,46 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     groups = [{"params": rest, "lr": recipe.lr}]
     if image_tower_params:
         groups.append({"params": image_tower_params, "lr": recipe.tower_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     steps_per_epoch = recipe.caption_passes * (len(train) // recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=recipe.epochs * steps_per_epoch, pct_start=0.1
-    )
     kwargs = {"eps": recipe.wsd_eps} if recipe.loss == "wsd" else {}
     objective = DistillationObjective(recipe.loss, recipe.contrastive_weight, recipe.distill_weight, **kwargs)
+    embed_loss = EmbeddingDistillationLoss()
 
-    best = BestOnVal(module)
-    for epoch in range(1, recipe.epochs + 1):
-        _set_train_mode(module)
-        started, totals = time.time(), {}
-        batches = (b for _ in range(recipe.caption_passes) for b in train.sample_epoch(recipe.batch_size, rng))
-        for rows, views, captions in tqdm(batches, desc=f"{recipe.loss} epoch {epoch}", total=steps_per_epoch,
-                                          leave=False, disable=not progress):
-            img, txt = _step_embeddings(module, train, rows, views, captions)
-            scale = module.logit_scale.exp().clamp(max=100)
-            if needs_teacher:
-                t_img = t_images[torch.from_numpy(rows), torch.from_numpy(views)]
-                t_txt = t_texts[torch.from_numpy(captions)]
-                img, txt = _with_teacher_side(recipe.teacher_side, img, txt, t_img, t_txt)
-                sim_t = t_img @ t_txt.T if fine is None else fine.batch(rows, captions)
-                loss, parts = objective(img @ txt.T, sim_t, scale, teacher_scale)
-            else:
-                loss, parts = objective(img @ txt.T, None, scale)
-            if recipe.embed_weight:
-                embed = (2 - (img * t_img).sum(-1).mean() - (txt * t_txt).sum(-1).mean())
-                loss = loss + recipe.embed_weight * embed
-                parts["embed"] = float(embed.detach())
-            parts["total"] = float(loss.detach())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v / steps_per_epoch
+    def batches(_epoch: int):
+        return (b for _ in range(recipe.caption_passes) for b in train.sample_epoch(recipe.batch_size, rng))
+
+    def step(batch) -> tuple[torch.Tensor, dict]:
+        rows, views, captions = batch
+        img, txt = _step_embeddings(module, train, rows, views, captions)
+        scale = module.logit_scale.exp().clamp(max=100)
+        if needs_teacher:
+            t_img = t_images[torch.from_numpy(rows), torch.from_numpy(views)]
+            t_txt = t_texts[torch.from_numpy(captions)]
+            img, txt = _with_teacher_side(recipe.teacher_side, img, txt, t_img, t_txt)
+            sim_t = t_img @ t_txt.T if fine is None else fine.batch(rows, captions)
+            loss, parts = objective(img @ txt.T, sim_t, scale, teacher_scale)
+        else:
+            loss, parts = objective(img @ txt.T, None, scale)
+        if recipe.embed_weight:
+            embed = embed_loss(img, t_img) + embed_loss(txt, t_txt)
+            loss = loss + recipe.embed_weight * embed
+            parts["embed"] = float(embed.detach())
+        parts["total"] = float(loss.detach())
+        return loss, parts
+
+    def evaluate(r: Round) -> dict:
         metrics = _val_metrics(module, val, recipe.teacher_side, targets)
-        entry = {"epoch": epoch, "loss": totals, "val_rsum": metrics["rsum"], "val": metrics,
-                 "temperature": float(1 / module.logit_scale.detach().exp()), "seconds": time.time() - started}
-        best.record(entry)
-        print(f"[{recipe.loss}] epoch {epoch:2d}  loss {totals['total']:.3f}  val rsum {metrics['rsum']:.1f}  "
-              f"({entry['seconds']:.0f}s)", flush=True)
-    best_epoch = best.restore()
+        return {"epoch": r.index, "loss": r.parts, "val_rsum": metrics["rsum"], "val": metrics,
+                "temperature": float(1 / module.logit_scale.detach().exp()), "seconds": time.time() - r.started}
+
+    def log(entry: dict) -> None:
+        print(f"[{recipe.loss}] epoch {entry['epoch']:2d}  loss {entry['loss']['total']:.3f}  "
+              f"val rsum {entry['val_rsum']:.1f}  ({entry['seconds']:.0f}s)", flush=True)
+
+    optimiser = Optimiser(groups, recipe.weight_decay, recipe.epochs * steps_per_epoch, pct_start=0.1)
+    best = fit(module, optimiser, step, batches, evaluate, rounds=recipe.epochs, steps_per_round=steps_per_epoch,
+               train_mode=train_frozen_batchnorm, progress=f"{recipe.loss} epoch" if progress else None, log=log)
+    best_epoch = best.best  # restored by fit
     config = recipe.model_config(vocab_info["vocab_size"])
     final = DualEncoderModule(config)
     final.load_state_dict(module.state_dict())
@@ -272,10 +264,6 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     save_checkpoint(final, config, out, metadata)
     return {"recipe": asdict(recipe), "history": best.history, "best_epoch": best_epoch["epoch"],
             "val": best_epoch["val"], "checkpoint": str(out), **vocab_info}
-
-
-def recipe_for(base: StudentRecipe, **changes) -> StudentRecipe:
-    return replace(base, **changes)
 
 
 # -- ablation -----------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ The epoch with the best validation rsum is kept; test numbers come from ``python
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,14 +16,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from matcher.models.dual_encoder import DualEncoderModule, save_checkpoint
-from matcher.train.losses import ContrastiveLoss
 from matcher.eval.metrics import retrieval_metrics
+from matcher.models.dual_encoder import DualEncoderModule, save_checkpoint
 from matcher.train.features import Flickr8k, cached_image_features, cached_text_features
+from matcher.train.loop import Optimiser, Round, fit, seeded, train_frozen_batchnorm
+from matcher.train.losses import ContrastiveLoss
 from matcher.train.pairs import CachedSplit
 from matcher.train.selection import BestOnVal
 
-log = logging.getLogger(__name__)
+CONTRASTIVE = ContrastiveLoss()
 
 
 @dataclass
@@ -72,14 +72,6 @@ def _training_module(recipe: TeacherRecipe) -> DualEncoderModule:
     return module
 
 
-def _set_train_mode(module: DualEncoderModule) -> None:
-    """Dropout on, but BatchNorm keeps its ImageNet statistics (small data, stable fine-tuning)."""
-    module.train()
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
-
-
 def embed_split(module: DualEncoderModule, split: CachedSplit, project: bool = True,
                 batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image view [N, V, D] and every caption [5N, D] of a cached split, tops run from the cache.
@@ -115,10 +107,11 @@ def cached_metrics(module: DualEncoderModule, split: CachedSplit) -> dict:
     return retrieval_metrics((texts @ images[:, 0].T).numpy(), caption_image)
 
 
-def _clip_loss(module: DualEncoderModule, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+def _logits(module: DualEncoderModule, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """[B, B] logits of a batch: unit-norm head outputs of tower features, times the learned scale."""
     img = torch.nn.functional.normalize(module.image_head(img), dim=-1)
     txt = torch.nn.functional.normalize(module.text_head(txt), dim=-1)
-    return ContrastiveLoss()(module.logit_scale.exp().clamp(max=100) * img @ txt.T)
+    return module.logit_scale.exp().clamp(max=100) * img @ txt.T
 
 
 def _probe_metrics(module: DualEncoderModule, images: torch.Tensor, texts: torch.Tensor) -> dict:
@@ -140,25 +133,24 @@ def probe_heads(module: DualEncoderModule, train: CachedSplit, val: CachedSplit,
     train_img, train_txt = embed_split(module, train, project=False)
     val_img, val_txt = embed_split(module, val, project=False)
     params = [*module.image_head.parameters(), *module.text_head.parameters(), module.logit_scale]
-    optimizer = torch.optim.AdamW(params, lr=recipe.probe_lr, weight_decay=recipe.weight_decay)
     per_epoch = train.captions_per_image * (len(train) // recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.probe_lr, total_steps=recipe.probe_epochs * per_epoch)
-    for epoch in range(1, recipe.probe_epochs + 1):
-        module.train()
-        losses = []
-        for _ in range(train.captions_per_image):
-            for rows, views, captions in train.sample_epoch(recipe.batch_size, rng):
-                loss = _clip_loss(module, train_img[rows, views], train_txt[captions])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-        if epoch % 3 == 0 or epoch == recipe.probe_epochs:
-            metrics = _probe_metrics(module, val_img, val_txt)
-            best.record({"phase": "probe", "epoch": epoch, "loss": float(np.mean(losses)),
-                         "val_rsum": metrics["rsum"], "val": metrics})
-            _log(best.history[-1])
+
+    def batches(_epoch: int):
+        return (b for _ in range(train.captions_per_image) for b in train.sample_epoch(recipe.batch_size, rng))
+
+    def step(batch) -> torch.Tensor:
+        rows, views, captions = batch
+        return CONTRASTIVE(_logits(module, train_img[rows, views], train_txt[captions]))
+
+    def evaluate(r: Round) -> dict | None:
+        if r.index % 3 and r.index != recipe.probe_epochs:
+            return None
+        metrics = _probe_metrics(module, val_img, val_txt)
+        return {"phase": "probe", "epoch": r.index, "loss": r.loss, "val_rsum": metrics["rsum"], "val": metrics}
+
+    fit(module, Optimiser([{"params": params, "lr": recipe.probe_lr}], recipe.weight_decay,
+                          recipe.probe_epochs * per_epoch),
+        step, batches, evaluate, rounds=recipe.probe_epochs, best=best, log=_log)
 
 
 def finetune(module: DualEncoderModule, train: CachedSplit, val: CachedSplit, recipe: TeacherRecipe,
@@ -169,34 +161,28 @@ def finetune(module: DualEncoderModule, train: CachedSplit, val: CachedSplit, re
     tower = [p for p in module.parameters() if p.requires_grad and id(p) not in head_ids]
     if not tower or recipe.epochs == 0:
         return
-    optimizer = torch.optim.AdamW(
-        [{"params": heads, "lr": recipe.lr}, {"params": tower, "lr": recipe.tower_lr}], weight_decay=recipe.weight_decay
-    )
-    steps = recipe.epochs * (len(train) // recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[recipe.lr, recipe.tower_lr], total_steps=steps)
-    for epoch in range(1, recipe.epochs + 1):
-        _set_train_mode(module)
-        losses = []
-        for rows, views, captions in tqdm(train.sample_epoch(recipe.batch_size, rng), desc=f"fine-tune epoch {epoch}",
-                                          total=len(train) // recipe.batch_size, leave=False):
-            states, mask = train.caption_batch(captions)
-            loss = _clip_loss(module, module.image_tower.forward_top(train.image_batch(rows, views)),
-                              module.text_tower.forward_top(states, mask))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+    per_epoch = len(train) // recipe.batch_size
+
+    def step(batch) -> torch.Tensor:
+        rows, views, captions = batch
+        states, mask = train.caption_batch(captions)
+        return CONTRASTIVE(_logits(module, module.image_tower.forward_top(train.image_batch(rows, views)),
+                                   module.text_tower.forward_top(states, mask)))
+
+    def evaluate(r: Round) -> dict:
         metrics = cached_metrics(module, val)
-        best.record({"phase": "finetune", "epoch": epoch, "loss": float(np.mean(losses)),
-                     "val_rsum": metrics["rsum"], "val": metrics})
-        _log(best.history[-1])
+        return {"phase": "finetune", "epoch": r.index, "loss": r.loss, "val_rsum": metrics["rsum"], "val": metrics}
+
+    optimiser = Optimiser([{"params": heads, "lr": recipe.lr}, {"params": tower, "lr": recipe.tower_lr}],
+                          recipe.weight_decay, recipe.epochs * per_epoch)
+    fit(module, optimiser, step, lambda _epoch: train.sample_epoch(recipe.batch_size, rng), evaluate,
+        rounds=recipe.epochs, steps_per_round=per_epoch, best=best, train_mode=train_frozen_batchnorm,
+        progress="fine-tune epoch", log=_log)
 
 
 def train_teacher(data_root: str | Path, out: str | Path, recipe: TeacherRecipe) -> dict:
     """Train both phases, keep the best validation state, save the checkpoint; returns the history."""
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
+    rng = seeded(recipe.seed)
     data = Flickr8k.load(data_root)
     image_feats = cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks)
     text_feats = cached_text_features(data, recipe.cached_layers)
@@ -205,8 +191,7 @@ def train_teacher(data_root: str | Path, out: str | Path, recipe: TeacherRecipe)
 
     module = _training_module(recipe)
     best = BestOnVal(module)
-    probe_heads(module, train, val, recipe, rng, best)
-    best.restore()
+    probe_heads(module, train, val, recipe, rng, best)  # ends on the best probe state
     finetune(module, train, val, recipe, rng, best)
     chosen = best.restore()
     final = DualEncoderModule(recipe.model_config())

@@ -14,7 +14,7 @@ from matcher.search.hashed import HashedMatcher, rerank, two_stage_search
 from matcher.hashing.train import HashRecipe, train_heads
 from matcher.search.index import BinaryIndex, FloatIndex
 from matcher.train.losses import HEILoss, build_loss
-from matcher.search.exact import QueryError, SearchOptions
+from matcher.search.protocol import QueryError, SearchOptions
 
 
 def unit(x):
@@ -269,7 +269,8 @@ def _other_tiny_checkpoint(tmp_path):
 def test_open_matcher_builds_hashed_matcher_from_registered_config(tmp_path, monkeypatch, small_gallery):
     import matcher.registry as models
     from matcher.data.gallery import open_gallery
-    from matcher.search.exact import Matcher, open_matcher
+    from matcher.registry import open_matcher
+    from matcher.search.exact import ExactMatcher
 
     encoder = models.cached_encoder("open_clip:matcher-tiny-vit")
     torch.manual_seed(0)
@@ -282,7 +283,7 @@ def test_open_matcher_builds_hashed_matcher_from_registered_config(tmp_path, mon
     gallery = open_gallery(small_gallery)
     hashed = open_matcher("tiny-hashed", gallery)
     assert isinstance(hashed, HashedMatcher) and hashed.name == "tiny-hashed"
-    exact = Matcher(encoder, gallery).search_text("a dog", SearchOptions(k=5))
+    exact = ExactMatcher(encoder, gallery).search_text("a dog", SearchOptions(k=5))
     result = hashed.search_text("a dog", SearchOptions(k=5, bits=16, candidates=len(gallery)))
     assert [h.row for h in result.hits] == [h.row for h in exact.hits]
     assert set(result.timings_ms) == {"encode", "candidates", "rerank"}
@@ -309,7 +310,8 @@ def test_rank_captions_matches_search_text_and_censors_outside_shortlist():
     texts = emb.caption_texts[:30]
     owners = [emb.names[i] for i in emb.caption_image[:30]]
     options = SearchOptions(k=5, bits=16, candidates=10)
-    topk, ranks, cap = matcher.rank_captions(texts, owners, 5, options)
+    ranking = matcher.rank_captions(texts, owners, 5, options)
+    topk, ranks, cap = ranking.topk, ranking.gt_rank, ranking.cap
     assert cap == 10 and len(topk) == 30 and ranks.max() <= 10
     for text, names, rank, owner in zip(texts, topk, ranks, owners):
         assert names == [h.name for h in matcher.search_text(text, options).hits]
@@ -317,7 +319,7 @@ def test_rank_captions_matches_search_text_and_censors_outside_shortlist():
             assert names[rank] == owner
         else:
             assert owner not in names
-    _, full_ranks, _ = matcher.rank_captions(texts, owners, 5, SearchOptions(k=5, bits=16, candidates=50))
+    full_ranks = matcher.rank_captions(texts, owners, 5, SearchOptions(k=5, bits=16, candidates=50)).gt_rank
     sim = emb.captions[:30] @ emb.images.T
     exact = (sim > sim[np.arange(30), emb.caption_image[:30]][:, None]).sum(axis=1)
     assert np.array_equal(full_ranks, exact)

@@ -169,3 +169,17 @@ def test_objective_mixes_contrastive_by_weight():
     assert set(parts) == {"contrastive"}
     with pytest.raises(ValueError, match="needs the teacher"):
         DistillationObjective("wsd")(cos_s, None, 10.0)
+
+
+def test_embedding_distillation_is_one_minus_the_mean_cosine_and_pulls_only_the_student():
+    from matcher.train.losses import EmbeddingDistillationLoss
+
+    loss = EmbeddingDistillationLoss()
+    assert loss.inputs == "embeddings"
+    s, t = _pair(0)
+    assert float(loss(s, s)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss(s, -s)) == pytest.approx(2.0, abs=1e-6)
+    assert float(loss(s, t)) == pytest.approx(float(1 - F.cosine_similarity(s, t).mean()), abs=1e-6)
+    student, teacher = s.clone().requires_grad_(), t.clone().requires_grad_()
+    loss(student, teacher).backward()
+    assert teacher.grad is None and torch.allclose(student.grad, -t / B)

@@ -334,7 +334,9 @@ def test_fine_rerank_matcher_reorders_only_the_teacher_shortlist(small_gallery, 
     from matcher.search.fine import FineRerankMatcher
     from matcher.data.gallery import open_gallery
     from matcher.registry import registered_models
-    from matcher.search.exact import Matcher, QueryError, SearchOptions, open_matcher
+    from matcher.registry import open_matcher
+    from matcher.search.exact import ExactMatcher
+    from matcher.search.protocol import QueryError, SearchOptions
 
     gallery = open_gallery(small_gallery)
     fine = open_matcher("offline-fine", gallery)
@@ -356,9 +358,10 @@ def test_fine_rerank_matcher_reorders_only_the_teacher_shortlist(small_gallery, 
         assert hit.score == pytest.approx(cos + config["fuse"] * align, abs=1e-4)
     # With a shortlist of C = k, re-ranking can only permute the teacher's own top-k.
     short = FineRerankMatcher(fine.base, fine.scorer, config["fuse"], candidates=5, cache=ArrayCache(tmp_path))
-    teacher_top = {h.name for h in Matcher(fine.base.encoder, gallery).search_text(caption, SearchOptions(k=5)).hits}
+    teacher_top = {h.name for h in ExactMatcher(fine.base.encoder, gallery).search_text(caption, SearchOptions(k=5)).hits}
     assert {h.name for h in short.search_text(caption, SearchOptions(k=5)).hits} == teacher_top
-    assert torch.equal(short.regions, fine.regions)  # gallery regions are deterministic (and cached)
+    # gallery regions are deterministic up to their float16 storage (thread counts change the last bit)
+    assert torch.allclose(short.regions, fine.regions, atol=2e-3)
     # Image queries have no words: the teacher answers, unchanged.
     assert [h.name for h in fine.more_like(gallery.names[0]).hits] == [h.name for h in fine.base.more_like(gallery.names[0]).hits]
     with pytest.raises(QueryError):

@@ -7,6 +7,7 @@ from PIL import Image
 from matcher.models.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
 from matcher.models.student_towers import caption_vocabulary, init_from_minilm
 from matcher.train.student import StudentRecipe, ablation_row, parse_variant
+from tests.helpers import tiny_flickr8k
 
 CAPTIONS = ["a dog runs through the grass .", "two dogs play in the snow", "a man rides a bike .",
             "a child in a red shirt jumps", "a dog jumps over a log"]
@@ -171,7 +172,8 @@ def test_bundled_student_is_registered_small_and_retrieves(small_gallery, tmp_pa
     from matcher.data.embed import embed_gallery
     from matcher.eval.costs import evaluate_embeddings
     from matcher.data.gallery import open_gallery
-    from matcher.registry import PRESETS, cached_encoder
+    from matcher.presets import PRESETS
+    from matcher.registry import cached_encoder
 
     assert PRESETS["offline"]["student"] == "offline-student"
     student, teacher = cached_encoder("offline-student"), cached_encoder("offline-teacher")
@@ -254,26 +256,11 @@ def test_teacher_phases_record_every_val_check_and_restore_the_best():
     assert cached_metrics(module, val)["rsum"] == pytest.approx(chosen["val_rsum"])
 
 
-def tiny_flickr8k(root, splits: dict[str, int]):
-    """A Flickr8k-layout folder (images/ + captions.jsonl with splits) from the bundled test photos."""
-    import json
-    import shutil
-
-    from tests.helpers import BUNDLED, bundled_rows
-
-    rows = bundled_rows(sum(splits.values()))
-    (root / "images").mkdir(parents=True)
-    labels = [name for name, n in splits.items() for _ in range(n)]
-    for row, split in zip(rows, labels):
-        shutil.copy(BUNDLED / "images" / row["image"], root / "images" / row["image"])
-        row["split"] = split
-    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
 def test_train_student_end_to_end_on_a_tiny_flickr8k(tmp_path, monkeypatch):
     """The whole train-student path on 16/8/4 photos: caches (crops included), teacher targets,
     distillation epochs, best-on-val selection and a checkpoint that loads and retrieves."""
+    from dataclasses import asdict
+
     from matcher.models.dual_encoder import load_checkpoint
     from matcher.train.student import StudentRecipe, train_student
 
@@ -282,6 +269,7 @@ def test_train_student_end_to_end_on_a_tiny_flickr8k(tmp_path, monkeypatch):
     recipe = StudentRecipe(loss="listnet", embed_weight=1.0, image_size=64, crop_views=2, cached_blocks=2,
                            finetune_blocks=2, epochs=3, batch_size=8, lr=3e-3, vocab_min_count=1)
     result = train_student(data, tmp_path / "student.pt", recipe, progress=False)
+    assert result["recipe"] == asdict(recipe)  # the full resolved recipe, recorded with the checkpoint
     history = result["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert result["best_epoch"] == max(history, key=lambda h: h["val_rsum"])["epoch"]
