@@ -26,6 +26,18 @@ def make_gallery(root: Path, n: int) -> Path:
     return root
 
 
+def tiny_flickr8k(root: Path, splits: dict[str, int]) -> Path:
+    """A Flickr8k-layout folder (images/ + captions.jsonl with splits) from the bundled test photos."""
+    rows = bundled_rows(sum(splits.values()))
+    (root / "images").mkdir(parents=True)
+    labels = [name for name, n in splits.items() for _ in range(n)]
+    for row, split in zip(rows, labels):
+        shutil.copy(BUNDLED / "images" / row["image"], root / "images" / row["image"])
+        row["split"] = split
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
 FIXTURE_EVAL = {
     "gallery": "fixture", "split": "test",
     "matchers": {

@@ -74,7 +74,7 @@ def test_broken_files_are_skipped_and_reported(small_gallery, tmp_path):
 def test_training_caches_are_rebuilt_when_corrupted_or_made_from_other_data(tmp_path, monkeypatch, caplog):
     """Training features (trunk outputs, teacher targets) are cached per Flickr8k copy, checksummed."""
     from matcher.train.features import Flickr8k, cached_arrays
-    from tests.train.test_student import tiny_flickr8k
+    from tests.helpers import tiny_flickr8k
 
     monkeypatch.setenv("MATCHER_CACHE_DIR", str(tmp_path / "cache"))
     calls = []
