@@ -50,6 +50,7 @@ class Hasher(Protocol):
 
     bits: int
     method: str
+    num_params: int   # what the code stage adds to the matcher (weights, means)
 
     def encode(self, vectors: np.ndarray, modality: str) -> np.ndarray: ...
 
@@ -64,6 +65,8 @@ class ProjectionHasher:
         self.projection = np.asarray(projection, np.float32)
         self.bias = {m: np.asarray(v, np.float32) for m, v in (bias or {}).items()}
         self.bits = int(self.projection.shape[1])
+        self.num_params = int(self.projection.size + sum(v.size for v in self.means.values())
+                              + sum(v.size for v in self.bias.values()))
 
     def real(self, vectors: np.ndarray, modality: str) -> np.ndarray:
         """The real-valued projection before sign() (useful for diagnostics)."""
