@@ -22,6 +22,7 @@ ASSETS_DIR = REPO_ROOT / "assets"
 MODELS_DIR = ASSETS_DIR / "models"
 DEFAULT_GALLERY = ASSETS_DIR / "gallery" / "flickr8k-test"
 RESULTS_DIR = ASSETS_DIR / "results"
+DEFAULT_TRAIN_DATA = REPO_ROOT.parent / "shared" / "data" / "flickr8k"   # Flickr8k beside the checkout
 PACKAGE_DIR = Path(__file__).resolve().parent   # package data (model configs, recipes) travels with the code
 
 

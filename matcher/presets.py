@@ -1,26 +1,62 @@
 """Presets: which matcher plays which role (teacher, student, hashed, ...), and what runs when a
 preset cannot run here. The CLI, the page and the benches all resolve presets through
 ``resolve_preset`` and read ``ROLE=SPEC`` lists through ``parse_roles``: one rule, one meaning.
+
+A preset is a JSON file: an object mapping role -> spec (keys starting with ``_`` are notes), e.g.
+``{"teacher": "open_clip:ViT-L-14@dfn2b", "student": "open_clip:MobileCLIP2-S0@dfndr2b",
+"hashed": "hashed:open_clip:MobileCLIP2-S0@dfndr2b"}``. The built-in ones are the files in
+``matcher/models/configs/presets/``; a user's is passed with ``--preset-file F``.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from matcher.registry import missing_weights, needs_hub
+from matcher.paths import PACKAGE_DIR
+from matcher.registry import missing_weights, needs_hub, parse_spec
 
-PRESETS: dict[str, dict[str, str]] = {
-    # Everything from the repository and PyPI; what tests, CI and the default app run.
-    "offline": {"teacher": "offline-teacher", "student": "offline-student", "hashed": "offline-hashed"},
-    # The same plus the fine-grained tier as a fourth column (teacher shortlist re-scored region x word).
-    "offline+fine": {"teacher": "offline-teacher", "student": "offline-student", "hashed": "offline-hashed",
-                     "fine": "offline-fine"},
-    # Hub weights (needs internet on first use): what a Hugging Face Space can run.
-    "clip": {"teacher": "open_clip:ViT-L-14@dfn2b", "student": "open_clip:MobileCLIP2-S0@dfndr2b"},
-}
+PRESET_DIR = PACKAGE_DIR / "models" / "configs" / "presets"
 DEFAULT_PRESET = "offline"
+
+
+def load_preset_file(path: str | Path) -> dict[str, str]:
+    """role -> spec from a preset file; ``ValueError`` naming the file and what is wrong in it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read preset file {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"preset file {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"preset file {path} must hold a JSON object mapping role to spec")
+    roles = {}
+    for role, spec in data.items():
+        if role.startswith("_"):
+            continue
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"preset file {path}: role {role!r} needs a spec string, got {spec!r}")
+        try:
+            parse_spec(spec)
+        except ValueError as exc:
+            raise ValueError(f"preset file {path}: role {role!r}: {exc}") from None
+        roles[role] = spec.strip()
+    if not roles:
+        raise ValueError(f"preset file {path} names no roles")
+    return roles
+
+
+def builtin_presets() -> dict[str, dict[str, str]]:
+    """The presets shipped as files, the default first."""
+    files = sorted(PRESET_DIR.glob("*.json"), key=lambda p: (p.stem != DEFAULT_PRESET, p.stem))
+    return {p.stem: load_preset_file(p) for p in files}
+
+
+PRESETS: dict[str, dict[str, str]] = builtin_presets()
 ROLE_ORDER = ("teacher", "student", "hashed")
 
 

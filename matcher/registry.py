@@ -6,7 +6,10 @@ A spec is one of
 - ``open_clip:MODEL@TAG`` for a hub pretrained tag (validated against ``open_clip.list_pretrained()``
   before anything is downloaded), ``open_clip:MODEL@PATH`` for a local open_clip checkpoint,
   ``open_clip:MODEL`` for random init (or a project config such as ``matcher-tiny-vit``);
-- a path to a matcher dual-encoder checkpoint (``.pt``) written by the training commands.
+- a path to a matcher dual-encoder checkpoint (``.pt``) written by the training commands;
+- ``hashed:BASE`` for the hashed tier of any float spec ``BASE``: HEI heads trained on ``BASE``'s
+  embeddings of a captioned training gallery (``$MATCHER_TRAIN_GALLERY`` / ``--train-gallery``,
+  default Flickr8k train) on first use and cached, or ITQ codes where no such gallery exists.
 
 ``parse_spec`` is the only place spec strings are read; ``KINDS`` the only dispatch on a config's
 type. Adding a tier is one ``Kind`` entry: how its queries are encoded (``base``), how it opens
@@ -57,6 +60,10 @@ def registered_models() -> dict[str, dict]:
 def parse_spec(text: str) -> Spec:
     """The one parser of spec strings; ``ValueError`` naming the accepted forms otherwise."""
     text = (text or "").strip()
+    if text.startswith("hashed:"):
+        base = text[len("hashed:"):]
+        parse_spec(base)  # the base must be a float spec itself; its error names the accepted forms
+        return Spec(text, "hashed", {"base": base})
     if text.startswith("open_clip:"):
         model, _, pretrained = text[len("open_clip:"):].partition("@")
         return Spec(text, "open_clip", {"model": model, "pretrained": pretrained or None})
@@ -70,7 +77,7 @@ def parse_spec(text: str) -> Spec:
     if text.endswith(".pt"):
         return Spec(text, "checkpoint", {"checkpoint": text})
     raise ValueError(f"unknown model {text!r}: use a registered name ({', '.join(registry) or 'none'}), "
-                     "open_clip:MODEL@TAG, open_clip:MODEL@PATH or a .pt checkpoint path")
+                     "open_clip:MODEL@TAG, open_clip:MODEL@PATH, a .pt checkpoint path or hashed:SPEC")
 
 
 # -- encoders --------------------------------------------------------------------------------------
@@ -113,21 +120,23 @@ def _open_exact(spec: Spec, gallery: Gallery) -> Matcher:
     return ExactMatcher(cached_encoder(spec.text), gallery, name=spec.text)
 
 
-def load_hashers(spec: Spec):
-    """The hash heads a ``hashed`` config names, checked against its base encoder.
-
-    The heads were trained on one base encoder's embeddings; codes from any other encoder would be
-    meaningless, so a different base is an error rather than silently bad results.
-    """
+def load_hashers(spec: Spec, gallery: Gallery):
+    """The hashers of a ``hashed`` spec: the heads its config names (checked against its base
+    encoder: codes from any other encoder would be meaningless, so a different base is an error
+    rather than silently bad results), or, without ``heads``, heads trained for the base on the
+    training gallery (``matcher.hashing.auto``)."""
+    from matcher.hashing.auto import auto_hashers
     from matcher.hashing.heads import check_base, load_heads
 
+    if "heads" not in spec.config:
+        return auto_hashers(cached_encoder(spec.base), gallery)
     hashers, meta = load_heads(spec.path("heads"))
     check_base(cached_encoder(spec.base), meta, spec.config["heads"])
     return hashers
 
 
 def _open_hashed(spec: Spec, gallery: Gallery) -> Matcher:
-    """``{"type": "hashed", "base": SPEC, "heads": PATH, "rerank_by": null | SPEC}``."""
+    """``{"type": "hashed", "base": SPEC, "heads": PATH (optional), "rerank_by": null | SPEC}``."""
     from matcher.data.embed import embed_gallery
     from matcher.search.hashed import HashedMatcher
 
@@ -135,7 +144,8 @@ def _open_hashed(spec: Spec, gallery: Gallery) -> Matcher:
     if spec.config.get("rerank_by"):
         other = cached_encoder(spec.config["rerank_by"])
         reranker = (other, embed_gallery(other, gallery))
-    return HashedMatcher(cached_encoder(spec.base), gallery, load_hashers(spec), reranker=reranker, name=spec.text)
+    return HashedMatcher(cached_encoder(spec.base), gallery, load_hashers(spec, gallery), reranker=reranker,
+                         name=spec.text)
 
 
 def _open_fine(spec: Spec, gallery: Gallery) -> Matcher:
@@ -167,7 +177,7 @@ class Kind:
     encoder: Callable[[Spec], Encoder]
     open: Callable[[Spec, Gallery], Matcher]
     report: Callable[..., dict[str, dict]]
-    needs_files: tuple[str, ...] = ()   # config keys naming files that must exist before it can load
+    needs_files: tuple[str, ...] = ()   # config keys naming files that must exist (where given) before it loads
 
 
 KINDS: dict[str, Kind] = {
@@ -195,7 +205,7 @@ def missing_weights(text: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     for key in KINDS[spec.kind].needs_files:
-        if not spec.path(key).exists():
+        if key in spec.config and not spec.path(key).exists():
             return f"{spec.config[key]} not found"
     if spec.kind == "open_clip":
         tag = spec.config.get("pretrained") or ""

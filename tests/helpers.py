@@ -50,3 +50,19 @@ FIXTURE_EVAL = {
                       "bytes_per_item": 8, "candidate_recall": 0.97},
     },
 }
+
+
+def measured_recall_fixed_costs(specs, gallery):
+    """A ``build_report`` measure: real recall of each encoder on the gallery, fixed costs (so two runs
+    compare exactly and no child processes are spawned)."""
+    from matcher.data.embed import embed_gallery
+    from matcher.eval.costs import evaluate_embeddings
+    from matcher.registry import cached_encoder
+
+    rows = {}
+    for i, spec in enumerate(specs):
+        row = evaluate_embeddings(embed_gallery(cached_encoder(spec), gallery))
+        row.update(spec=spec, params=1000 * (i + 1), size_mb=1.0 + i, peak_rss_mb=10.0, text_query_ms=2.0 + i,
+                   images_per_s=100.0 / (i + 1), text_query_ms_range=[2.0, 3.0], images_per_s_range=[90.0, 110.0])
+        rows[spec] = row
+    return rows

@@ -1,8 +1,11 @@
 """Arguments every command shares, with one meaning each, and the one way a command fails.
 
 - ``--gallery PATH`` / ``--split NAME``: the gallery folder (images + captions.jsonl) and the split.
-- ``--preset NAME`` / ``--roles LIST``: which matchers; ``LIST`` is a comma list of the preset's
-  roles and/or ``ROLE=SPEC`` additions (``matcher.presets.parse_roles``).
+- ``--preset NAME`` / ``--preset-file F`` / ``--roles LIST``: which matchers; ``F`` is a JSON object
+  role -> spec; ``LIST`` is a comma list of the preset's roles and/or ``ROLE=SPEC`` additions
+  (``matcher.presets.parse_roles``).
+- ``--train-gallery PATH``: the captioned gallery that ``hashed:SPEC`` heads train on (never the
+  gallery being searched); default Flickr8k beside the checkout.
 - ``--data PATH``: the Flickr8k training folder (train/val/test) the trainers and benches read.
 Errors the user can fix leave through ``fail``: one ``error: ...`` line, exit status 1, no traceback.
 """
@@ -33,9 +36,12 @@ def add_roles(p: argparse.ArgumentParser) -> None:
     from matcher.presets import DEFAULT_PRESET
 
     p.add_argument("--preset", default=DEFAULT_PRESET, help="matcher preset (python -m matcher info lists them)")
+    p.add_argument("--preset-file", dest="preset_file", help="a preset of your own: a JSON object role -> spec")
     p.add_argument("--roles", "--matchers", dest="roles",
                    help="comma list of the preset's roles and/or ROLE=SPEC additions, e.g. "
                         "teacher,candidate=runs/student.pt (default: every role of the preset)")
+    p.add_argument("--train-gallery", dest="train_gallery",
+                   help="captioned gallery that hashed:SPEC heads train on (default: Flickr8k beside the checkout)")
 
 
 def add_search_options(p: argparse.ArgumentParser, k: int = 10) -> None:
@@ -56,14 +62,27 @@ def open_gallery_arg(args: argparse.Namespace):
 
 def roles_arg(args: argparse.Namespace) -> dict[str, str]:
     """The matchers ``--preset`` / ``--roles`` name, resolved by the one preset rule (with its notes)."""
-    from matcher.presets import PRESETS, parse_roles, resolve_preset
+    import os
+    from pathlib import Path
 
-    if args.preset not in PRESETS:
-        fail(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    from matcher.hashing.auto import TRAIN_GALLERY_ENV
+    from matcher.presets import PRESETS, load_preset_file, parse_roles, resolve_preset
+
+    if getattr(args, "train_gallery", None):
+        if not Path(args.train_gallery).exists():
+            fail(f"--train-gallery {args.train_gallery} not found")
+        os.environ[TRAIN_GALLERY_ENV] = str(Path(args.train_gallery).resolve())
+    presets, name = dict(PRESETS), args.preset
     try:
+        if getattr(args, "preset_file", None):
+            name = Path(args.preset_file).stem
+            presets[name] = load_preset_file(args.preset_file)
+            args.preset = name
+        if name not in presets:
+            fail(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
         if args.roles:  # named explicitly: the user's choice stands, or is refused with a reason
-            return parse_roles(args.roles, PRESETS[args.preset])
-        active = resolve_preset(args.preset)
+            return parse_roles(args.roles, presets[name])
+        active = resolve_preset(name, presets)
     except ValueError as exc:
         fail(exc)
     for note in active.notes:

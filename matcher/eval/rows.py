@@ -26,7 +26,7 @@ def hashed_rows(role: str, matcher, base_entry: dict) -> dict[str, dict]:
     default length: two-stage recall, ``bytes_per_item``, candidate recall and stage latencies."""
     rows = {}
     for bits, hasher in sorted(matcher.hashers.items()):
-        params = sum(w.size + b.size for layers in hasher.layers.values() for w, b in layers)
+        params = hasher.num_params
         rerank_emb = matcher.rerank_embeddings if matcher.rerank_encoder else None
         entry = hashed_entry(hasher, matcher.embeddings, base_entry, params, DEFAULT_CANDIDATES, rerank_emb=rerank_emb)
         entry.update(spec=matcher.name, base=base_entry.get("spec"),

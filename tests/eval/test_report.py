@@ -6,24 +6,11 @@ import pytest
 
 from matcher.cli.main import main
 from matcher.dashboard.workspace import Workspace
-from matcher.data.embed import embed_gallery
 from matcher.eval import report as report_module
-from matcher.eval.costs import evaluate_embeddings
 from matcher.presets import PRESETS
-from matcher.registry import cached_encoder
+from tests.helpers import measured_recall_fixed_costs
 
 pytestmark = pytest.mark.slow
-
-
-def measured_recall_fixed_costs(specs, gallery):
-    """Real recall of each encoder on the gallery; fixed costs, so two runs compare exactly."""
-    rows = {}
-    for i, spec in enumerate(specs):
-        row = evaluate_embeddings(embed_gallery(cached_encoder(spec), gallery))
-        row.update(spec=spec, params=1000 * (i + 1), size_mb=1.0 + i, peak_rss_mb=10.0, text_query_ms=2.0 + i,
-                   images_per_s=100.0 / (i + 1), text_query_ms_range=[2.0, 3.0], images_per_s_range=[90.0, 110.0])
-        rows[spec] = row
-    return rows
 
 
 def test_cli_and_page_rerun_write_the_same_report_and_hashed_rows_are_their_own(small_gallery, tmp_path, monkeypatch):
