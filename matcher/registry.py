@@ -9,7 +9,9 @@ A spec is one of
 - a path to a matcher dual-encoder checkpoint (``.pt``) written by the training commands;
 - ``hashed:BASE`` for the hashed tier of any float spec ``BASE``: HEI heads trained on ``BASE``'s
   embeddings of a captioned training gallery (``$MATCHER_TRAIN_GALLERY`` / ``--train-gallery``,
-  default Flickr8k train) on first use and cached, or ITQ codes where no such gallery exists.
+  default Flickr8k train) on first use and cached, or ITQ codes where no such gallery exists;
+- ``distilled:STUDENT from TEACHER``: the float spec ``STUDENT`` with projection heads distilled
+  from ``TEACHER``'s similarity matrices on that training gallery (``matcher.train.heads``).
 
 ``parse_spec`` is the only place spec strings are read; ``KINDS`` the only dispatch on a config's
 type. Adding a tier is one ``Kind`` entry: how its queries are encoded (``base``), how it opens
@@ -42,6 +44,11 @@ class Spec:
     config: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
+    def parts(self) -> list[str]:
+        """The specs this one is built from (a hashed tier's base, a distilled student's pair)."""
+        return [self.config[k] for k in ("base", "student", "teacher", "rerank_by") if self.config.get(k)]
+
+    @property
     def base(self) -> str:
         """The float encoder spec that encodes this matcher's queries (itself for a float kind)."""
         return self.config.get("base", self.text)
@@ -64,6 +71,12 @@ def parse_spec(text: str) -> Spec:
         base = text[len("hashed:"):]
         parse_spec(base)  # the base must be a float spec itself; its error names the accepted forms
         return Spec(text, "hashed", {"base": base})
+    if text.startswith("distilled:"):
+        student, sep, teacher = text[len("distilled:"):].partition(" from ")
+        if not sep or not student.strip() or not teacher.strip():
+            raise ValueError(f"write a distilled student as 'distilled:STUDENT from TEACHER' (got {text!r})")
+        parse_spec(student), parse_spec(teacher)
+        return Spec(text, "distilled", {"student": student.strip(), "teacher": teacher.strip()})
     if text.startswith("open_clip:"):
         model, _, pretrained = text[len("open_clip:"):].partition("@")
         return Spec(text, "open_clip", {"model": model, "pretrained": pretrained or None})
@@ -77,7 +90,8 @@ def parse_spec(text: str) -> Spec:
     if text.endswith(".pt"):
         return Spec(text, "checkpoint", {"checkpoint": text})
     raise ValueError(f"unknown model {text!r}: use a registered name ({', '.join(registry) or 'none'}), "
-                     "open_clip:MODEL@TAG, open_clip:MODEL@PATH, a .pt checkpoint path or hashed:SPEC")
+                     "open_clip:MODEL@TAG, open_clip:MODEL@PATH, a .pt checkpoint path, hashed:SPEC or "
+                     "'distilled:STUDENT from TEACHER'")
 
 
 # -- encoders --------------------------------------------------------------------------------------
@@ -93,6 +107,12 @@ def _open_clip(spec: Spec) -> Encoder:
     from matcher.models.openclip import OpenClipEncoder
 
     return OpenClipEncoder(spec.config["model"], spec.config.get("pretrained"))
+
+
+def _distilled(spec: Spec) -> Encoder:
+    from matcher.train.heads import distil_student
+
+    return distil_student(spec.text, cached_encoder(spec.config["student"]), cached_encoder(spec.config["teacher"]))
 
 
 def _base_encoder(spec: Spec) -> Encoder:
@@ -118,6 +138,14 @@ def _open_exact(spec: Spec, gallery: Gallery) -> Matcher:
     from matcher.search.exact import ExactMatcher
 
     return ExactMatcher(cached_encoder(spec.text), gallery, name=spec.text)
+
+
+def _open_distilled(spec: Spec, gallery: Gallery) -> Matcher:
+    from matcher.data.training import training_gallery
+
+    if training_gallery(gallery) is None:  # None also when it is this gallery: its captions trained the heads
+        raise ValueError("the distilled student's training gallery is missing or is the gallery being searched")
+    return _open_exact(spec, gallery)
 
 
 def load_hashers(spec: Spec, gallery: Gallery):
@@ -186,6 +214,7 @@ KINDS: dict[str, Kind] = {
     "open_clip": Kind(_open_clip, _open_exact, report_rows.float_rows),
     "hashed": Kind(_base_encoder, _open_hashed, report_rows.hashed_rows, ("heads",)),
     "fine-rerank": Kind(_base_encoder, _open_fine, report_rows.fine_rows, ("scorer",)),
+    "distilled": Kind(_distilled, _open_distilled, report_rows.float_rows),
 }
 
 
@@ -195,7 +224,7 @@ def needs_hub(text: str) -> bool:
     if spec.kind == "open_clip":
         tag = spec.config.get("pretrained") or ""
         return bool(tag) and not Path(tag).suffix
-    return spec.base != spec.text and needs_hub(spec.base)
+    return any(needs_hub(part) for part in spec.parts if part != spec.text)
 
 
 def missing_weights(text: str) -> str | None:
@@ -211,6 +240,5 @@ def missing_weights(text: str) -> str | None:
         tag = spec.config.get("pretrained") or ""
         if tag and Path(tag).suffix and not Path(tag).exists():
             return f"{tag} not found"
-    if spec.base != spec.text:
-        return missing_weights(spec.base)
-    return None
+    return next((reason for part in spec.parts if part != spec.text
+                 for reason in [missing_weights(part)] if reason), None)

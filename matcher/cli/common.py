@@ -1,6 +1,8 @@
 """Arguments every command shares, with one meaning each, and the one way a command fails.
 
-- ``--gallery PATH`` / ``--split NAME``: the gallery folder (images + captions.jsonl) and the split.
+- ``--gallery PATH`` / ``--split NAME``: the gallery (a folder, a manifest file or a shard pattern in any
+  format ``matcher.data.readers`` reads; ``--format`` to say which, ``--images`` for where its images
+  are) and the split. Manifest problems and notes are printed as ``note:`` lines.
 - ``--preset NAME`` / ``--preset-file F`` / ``--roles LIST``: which matchers; ``F`` is a JSON object
   role -> spec; ``LIST`` is a comma list of the preset's roles and/or ``ROLE=SPEC`` additions
   (``matcher.presets.parse_roles``).
@@ -24,8 +26,15 @@ def fail(message: object) -> NoReturn:
 
 
 def add_gallery(p: argparse.ArgumentParser, split: str | None = None) -> None:
-    p.add_argument("--gallery", default=str(DEFAULT_GALLERY), help="folder of images (+ captions.jsonl)")
-    p.add_argument("--split", default=split, help="only images of this split (from captions.jsonl)")
+    from matcher.data.readers import FORMATS
+
+    p.add_argument("--gallery", default=str(DEFAULT_GALLERY),
+                   help="folder of images (+ captions.jsonl), or a Karpathy/COCO JSON, CSV/TSV, imagefolder "
+                        "metadata or WebDataset shards (file, folder or pattern such as 'shards/{000..009}.tar')")
+    p.add_argument("--format", choices=list(FORMATS), help="the gallery's format (default: detected from the path)")
+    p.add_argument("--images", help="folder the manifest's image paths are relative to (default: the manifest's)")
+    p.add_argument("--split", default=split,
+                   help="only images of this split (a gallery without split field is one split)")
 
 
 def add_data(p: argparse.ArgumentParser) -> None:
@@ -55,9 +64,14 @@ def open_gallery_arg(args: argparse.Namespace):
     from matcher.data.gallery import GalleryError, open_gallery
 
     try:
-        return open_gallery(args.gallery).select(args.split)
+        gallery = open_gallery(args.gallery, args.format, args.images).select(args.split)
     except GalleryError as exc:
         fail(exc)
+    for where, reason in gallery.problems:
+        print(f"note: {where}: {reason}")
+    for note in gallery.notes:
+        print(f"note: {note}")
+    return gallery
 
 
 def roles_arg(args: argparse.Namespace) -> dict[str, str]:
@@ -65,7 +79,7 @@ def roles_arg(args: argparse.Namespace) -> dict[str, str]:
     import os
     from pathlib import Path
 
-    from matcher.hashing.auto import TRAIN_GALLERY_ENV
+    from matcher.data.training import TRAIN_GALLERY_ENV
     from matcher.presets import PRESETS, load_preset_file, parse_roles, resolve_preset
 
     if getattr(args, "train_gallery", None):

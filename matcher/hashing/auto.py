@@ -1,11 +1,9 @@
 """Hash codes for any float encoder, made on first use: what a ``hashed:SPEC`` matcher searches.
 
 HEI heads need captioned pairs that are *not* the gallery being searched or evaluated (training on
-the test captions would be a leak), so they are trained on a separate training gallery:
-``$MATCHER_TRAIN_GALLERY`` (``--train-gallery`` on the command line), else Flickr8k beside the
-checkout. Its ``train`` split trains and its ``val`` split picks the epoch; a gallery without
-splits holds out every 10th image for val. The heads are cached on disk, keyed by the encoder's
-fingerprint, the training gallery's content hash and the recipe, so a later start loads them.
+the test captions would be a leak), so they are trained on the training gallery
+(``matcher.data.training``). The heads are cached on disk, keyed by the encoder's fingerprint, the
+training gallery's content hash and the recipe, so a later start loads them.
 
 Without such a gallery (none found, no captions, or it is the searched gallery itself) the codes
 fall back to ITQ fitted on the searched gallery's own embeddings: unsupervised, so nothing leaks.
@@ -16,54 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
-from matcher.data.embed import GalleryEmbeddings, embed_gallery
-from matcher.data.gallery import Gallery, GalleryError, open_gallery
+from matcher.data.embed import embed_gallery
+from matcher.data.gallery import Gallery
+from matcher.data.training import training_gallery
 from matcher.hashing.codes import Hasher, ITQHasher
 from matcher.hashing.heads import base_probe, load_heads, save_heads
 from matcher.hashing.train import HashRecipe, train_heads
 from matcher.models.encoder import Encoder
-from matcher.paths import DEFAULT_TRAIN_DATA, cache_dir
+from matcher.paths import cache_dir
 
 log = logging.getLogger(__name__)
-
-TRAIN_GALLERY_ENV = "MATCHER_TRAIN_GALLERY"
-
-
-def training_gallery(searched: Gallery) -> tuple[Gallery, Gallery] | None:
-    """(train, val) galleries to fit heads on, or None where there is no usable one (logged)."""
-    root = os.environ.get(TRAIN_GALLERY_ENV) or (str(DEFAULT_TRAIN_DATA) if DEFAULT_TRAIN_DATA.is_dir() else "")
-    if not root:
-        log.info("no training gallery (set %s or --train-gallery): hashing falls back to ITQ", TRAIN_GALLERY_ENV)
-        return None
-    try:
-        gallery = open_gallery(root)
-    except GalleryError as exc:
-        log.warning("training gallery %s cannot be read (%s): hashing falls back to ITQ", root, exc)
-        return None
-    if searched.root is not None and Path(gallery.root).resolve() == Path(searched.root).resolve():
-        log.warning("the training gallery is the searched gallery: its captions must not train the codes; ITQ instead")
-        return None
-    if gallery.splits and "train" in set(gallery.splits.values()):
-        train = gallery.select("train")
-        val = gallery.select("val") if "val" in set(gallery.splits.values()) else None
-    else:
-        train, val = gallery, None
-    if val is None:  # hold out every 10th image, deterministically
-        names = list(train.names)
-        held = set(names[::10])
-        val = replace(train, names=[n for n in names if n in held])
-        train = replace(train, names=[n for n in names if n not in held])
-    if not any(train.captions.values()) or not any(val.captions.values()):
-        log.warning("training gallery %s has no captions to pair: hashing falls back to ITQ", root)
-        return None
-    return train, val
-
 
 def _itq(encoder: Encoder, gallery: Gallery, recipe: HashRecipe) -> dict[int, Hasher]:
     emb = embed_gallery(encoder, gallery)
@@ -73,7 +36,7 @@ def _itq(encoder: Encoder, gallery: Gallery, recipe: HashRecipe) -> dict[int, Ha
     return {bits: ITQHasher(emb.images, texts, bits, seed=recipe.seed) for bits in recipe.code_lengths() if bits <= dim}
 
 
-def _cache_path(encoder: Encoder, train: GalleryEmbeddings, train_gallery: Gallery, recipe: HashRecipe) -> Path:
+def _cache_path(encoder: Encoder, train_gallery: Gallery, recipe: HashRecipe) -> Path:
     digest = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / "hash-heads" / f"{encoder.fingerprint()}-{train_gallery.fingerprint()}-{digest}.pt"
 
@@ -83,10 +46,11 @@ def auto_hashers(encoder: Encoder, searched: Gallery, recipe: HashRecipe | None 
     recipe = recipe or HashRecipe()
     pair = training_gallery(searched)
     if pair is None:
+        log.info("hashing %s with ITQ codes fitted on the searched gallery (no separate training gallery)", encoder.name)
         return _itq(encoder, searched, recipe)
     train_gallery, val_gallery = pair
     train, val = embed_gallery(encoder, train_gallery), embed_gallery(encoder, val_gallery)
-    path = _cache_path(encoder, train, train_gallery, recipe)
+    path = _cache_path(encoder, train_gallery, recipe)
     if path.exists():
         try:
             hashers, _ = load_heads(path)

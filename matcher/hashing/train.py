@@ -20,6 +20,7 @@ from matcher.hashing.evaluate import candidate_recall, shortlist
 from matcher.hashing.heads import HashHeads, HEIHasher
 from matcher.train.loop import Optimiser, Round, fit, seeded
 from matcher.train.losses import HEILoss
+from matcher.train.pairs import caption_lists
 from matcher.train.selection import BestOnVal
 
 
@@ -51,12 +52,6 @@ class HashRecipe:
             return [int(b) for b in self.bits.split(",") if b.strip()]
         except ValueError:
             raise ValueError(f"bits must be comma-separated code lengths such as 32,64, not {self.bits!r}") from None
-
-
-def _caption_lists(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
-    order = np.argsort(caption_image, kind="stable")
-    bounds = np.searchsorted(caption_image[order], np.arange(n_images + 1))
-    return [order[bounds[i]:bounds[i + 1]] for i in range(n_images)]
 
 
 def target_calibration(target: GalleryEmbeddings, samples: int = 20000, seed: int = 0) -> tuple[float, float]:
@@ -95,7 +90,7 @@ def train_heads(train: GalleryEmbeddings, target: GalleryEmbeddings, val: Galler
     heads.text.fit_input(train.captions)
     steps_per_epoch = max(1, len(train.names) // recipe.batch_size)
     loss_fn = HEILoss(recipe.neg_weight, recipe.quant_weight)
-    captions_of = _caption_lists(train.caption_image, len(train.names))
+    captions_of = caption_lists(train.caption_image, len(train.names))
     usable = np.array([i for i, c in enumerate(captions_of) if len(c)])
     x_img, x_txt = torch.from_numpy(train.images), torch.from_numpy(train.captions)
     t_img, t_txt = torch.from_numpy(target.images), torch.from_numpy(target.captions)

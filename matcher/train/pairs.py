@@ -7,6 +7,13 @@ import numpy as np
 import torch
 
 
+def caption_lists(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
+    """Caption rows of each image, in order (batches pair each image with one of them)."""
+    order = np.argsort(caption_image, kind="stable")
+    bounds = np.searchsorted(caption_image[order], np.arange(n_images + 1))
+    return [order[bounds[i]:bounds[i + 1]] for i in range(n_images)]
+
+
 @dataclass
 class CachedSplit:
     """One split's cached trunk outputs. Image ``i`` owns captions ``5*i .. 5*i+4``."""
