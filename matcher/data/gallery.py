@@ -1,24 +1,29 @@
-"""A gallery is a folder of images plus an optional ``captions.jsonl``.
+"""A gallery: image files under one root, with their captions and splits, read from any manifest format.
 
-``captions.jsonl`` has one JSON object per line: ``{"image": name, "captions": [...], "split": ...}``
-(the shared Flickr8k format). ``name`` is relative to the folder, or to its ``images/`` subfolder
-(the shared layout). Images without a line are still searchable; lines without an image file are
-reported, not fatal.
+``open_gallery(path, format=None, images=None)`` is the one entry point. ``path`` is a folder, a
+manifest file or a WebDataset shard pattern; its format is detected (``matcher.data.readers.detect``)
+unless ``format`` names it: the project's ``captions.jsonl``, Karpathy split JSON, COCO captions JSON,
+CSV/TSV, Hugging Face imagefolder metadata, WebDataset shards (docs/data.md). ``images`` overrides the
+folder image paths are relative to.
+
+A bad manifest is never fatal as long as one image is usable: a malformed line, an entry naming a
+missing file (or one outside the root), an image listed twice, an entry with no captions are each
+skipped and recorded once in ``Gallery.problems`` as ``("file:line", reason)``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matcher.data.images import IMAGE_EXTENSIONS
+from matcher.data.readers import read_manifest
+from matcher.data.readers.base import GalleryError, Problem
+from matcher.data.readers.jsonl import CAPTIONS_FILE
 
-CAPTIONS_FILE = "captions.jsonl"
-
-
-class GalleryError(ValueError):
-    """The gallery folder cannot be used at all (missing, empty, bad captions file)."""
+__all__ = ["CAPTIONS_FILE", "Gallery", "GalleryError", "open_gallery"]
 
 
 @dataclass
@@ -29,7 +34,9 @@ class Gallery:
     names: list[str]
     captions: dict[str, list[str]] = field(default_factory=dict)
     splits: dict[str, str] = field(default_factory=dict)
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) found while listing
+    problems: list[Problem] = field(default_factory=list)   # (where, reason): manifest entries not used
+    notes: list[str] = field(default_factory=list)          # how the request was read (e.g. a split-less format)
+    format: str = "jsonl"
 
     def __len__(self) -> int:
         return len(self.names)
@@ -38,14 +45,18 @@ class Gallery:
         return self.root / name
 
     def select(self, split: str | None) -> "Gallery":
-        """The images of one split (all images when ``split`` is None)."""
+        """The images of one split (all images when ``split`` is None). A gallery whose manifest has
+        no split field at all (COCO captions, a plain folder) is one split: all of it, with a note."""
         if split is None:
             return self
+        if not self.splits:
+            note = f"the {self.format} gallery has no split field: split {split!r} is all {len(self.names)} images"
+            return Gallery(self.root, self.names, self.captions, self.splits, self.problems, self.notes + [note], self.format)
         names = [n for n in self.names if self.splits.get(n) == split]
         if not names:
-            known = sorted(set(self.splits.values())) or ["none"]
+            known = sorted(set(self.splits.values()))
             raise GalleryError(f"no images in split {split!r} of {self.root} (splits present: {', '.join(known)})")
-        return Gallery(self.root, names, self.captions, self.splits, self.problems)
+        return Gallery(self.root, names, self.captions, self.splits, self.problems, self.notes, self.format)
 
     def fingerprint(self) -> str:
         """Content hash of the image bytes and captions: any change invalidates cached embeddings."""
@@ -57,52 +68,51 @@ class Gallery:
         return digest.hexdigest()[:32]
 
 
-def _read_captions(root: Path) -> list[dict]:
-    path = root / CAPTIONS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                raise ValueError("needs an 'image' string")
-            captions = row.get("captions", [])
-            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-                raise ValueError("'captions' must be a list of strings")
-        except ValueError as exc:
-            raise GalleryError(f"{path}:{number}: bad line ({exc})") from None
-        rows.append(row)
-    return rows
+def _relative(name: str) -> str | None:
+    """``name`` as a normalised path inside the root, or None if it points outside it."""
+    name = posixpath.normpath(name.replace("\\", "/"))
+    if name.startswith(("/", "../")) or name in ("..", ".") or (len(name) > 1 and name[1] == ":"):
+        return None
+    return name
 
 
-def open_gallery(root: str | Path) -> Gallery:
-    """List a gallery folder. Images listed in ``captions.jsonl`` come first, in its order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise GalleryError(f"gallery folder not found: {root}")
-    on_disk = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+def open_gallery(path: str | Path, format: str | None = None, images: str | Path | None = None) -> Gallery:
+    """Read a gallery in any supported format. Entries come first, in manifest order; in the folder
+    format, image files no entry names follow, uncaptioned."""
+    manifest = read_manifest(path, format, images)
+    root = manifest.image_root
+    on_disk = sorted(str(p.relative_to(root).as_posix()) for p in root.rglob("*")
+                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) if manifest.keep_unlisted else []
     present = set(on_disk)
-    names, captions, splits, problems = [], {}, {}, []
-    for row in _read_captions(root):
-        name = row["image"]
-        if name not in present and f"images/{name}" in present:
+
+    def exists(name: str) -> bool:
+        return name in present if manifest.keep_unlisted else (root / name).is_file()
+
+    names, captions, splits, used = [], {}, {}, {}
+    problems = list(manifest.problems)
+    for entry in manifest.entries:
+        name = _relative(entry.image)
+        if name is None:
+            problems.append((entry.where, f"{entry.image}: outside the gallery folder; skipped"))
+            continue
+        if not exists(name) and exists(f"images/{name}"):
             name = f"images/{name}"
-        if name not in present:
-            problems.append((name, "listed in captions.jsonl but no such file"))
-            continue
-        if name in captions:
-            continue
-        names.append(name)
-        captions[name] = [c.strip() for c in row.get("captions", []) if c.strip()]
-        if "split" in row:
-            splits[name] = str(row["split"])
-    listed = set(names)
-    names += [n for n in on_disk if n not in listed]
+        if not exists(name):
+            problems.append((entry.where, f"{entry.image}: no such file; skipped"))
+        elif name in used:
+            problems.append((entry.where, f"{entry.image}: listed again (first at {used[name]}); skipped"))
+        elif not entry.captions:
+            problems.append((entry.where, f"{entry.image}: no captions; skipped"
+                             + (" (the image stays searchable)" if manifest.keep_unlisted else "")))
+        else:
+            used[name] = entry.where
+            names.append(name)
+            captions[name] = entry.captions
+            if entry.split is not None:
+                splits[name] = entry.split
+    names += [n for n in on_disk if n not in used]
     if not names:
-        raise GalleryError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return Gallery(root, names, captions, splits, problems)
+        first = f"; first problem: {': '.join(problems[0])}" if problems else ""
+        hint = "" if manifest.keep_unlisted or images else "; if the images live elsewhere, pass --images DIR"
+        raise GalleryError(f"no images found in {path} (looked under {root}{first}){hint}")
+    return Gallery(root, names, captions, splits, problems, [], manifest.format)

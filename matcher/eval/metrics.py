@@ -4,6 +4,8 @@
   repeat across images (Flickr8k has 207 such strings) count only for their own image.
 - image->text: every image is a query; a hit if *any* of its captions is in the top K.
 - rsum: the sum of the six recalls (in percent).
+- The same recalls under CLIP_benchmark's names, as fractions 0-1: ``image_retrieval_recall@K``
+  (text->image) and ``text_retrieval_recall@K`` (image->text), so results line up with its tables.
 Ranks count strictly better scores, so ties are resolved in the query's favour.
 """
 from __future__ import annotations
@@ -39,12 +41,20 @@ def recall_table(ranks: np.ndarray, ks=KS) -> dict[str, float]:
     return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
 
 
+def clip_benchmark_recalls(ranks: np.ndarray, retrieved: str, ks=KS) -> dict[str, float]:
+    """``{"<retrieved>_retrieval_recall@K": fraction}``: CLIP_benchmark's name for a recall, where
+    ``retrieved`` is what the queries retrieve ("image" for text->image, "text" for image->text)."""
+    return {f"{retrieved}_retrieval_recall@{k}": float(np.mean(ranks < k)) for k in ks}
+
+
 def retrieval_metrics(sim: np.ndarray, caption_image: np.ndarray) -> dict:
-    """{"t2i": {R@1, R@5, R@10}, "i2t": {...}, "rsum"} for a [captions, images] similarity matrix."""
+    """{"t2i": {R@1, R@5, R@10}, "i2t": {...}, "rsum", "image_retrieval_recall@K", "text_retrieval_recall@K"}
+    for a [captions, images] similarity matrix."""
     caption_image = np.asarray(caption_image)
     if sim.shape[0] != len(caption_image):
         raise ValueError(f"similarity has {sim.shape[0]} rows but {len(caption_image)} captions")
     has_caption = np.bincount(caption_image, minlength=sim.shape[1]) > 0
-    t2i = recall_table(t2i_ranks(sim, caption_image))
-    i2t = recall_table(i2t_ranks(sim, caption_image)[has_caption])
-    return {"t2i": t2i, "i2t": i2t, "rsum": sum(t2i.values()) + sum(i2t.values())}
+    ranks_t2i, ranks_i2t = t2i_ranks(sim, caption_image), i2t_ranks(sim, caption_image)[has_caption]
+    t2i, i2t = recall_table(ranks_t2i), recall_table(ranks_i2t)
+    return {"t2i": t2i, "i2t": i2t, "rsum": sum(t2i.values()) + sum(i2t.values()),
+            **clip_benchmark_recalls(ranks_t2i, "image"), **clip_benchmark_recalls(ranks_i2t, "text")}

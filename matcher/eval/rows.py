@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from matcher.eval.metrics import PROBE_QUERIES, recall_table
+from matcher.eval.metrics import PROBE_QUERIES, clip_benchmark_recalls, recall_table
 from matcher.hashing.report import DEFAULT_BITS, DEFAULT_CANDIDATES, hashed_entry
 from matcher.search.protocol import Matcher, SearchOptions
 
@@ -44,7 +44,8 @@ def fine_rows(role: str, matcher, base_entry: dict, probes: int = 10) -> dict[st
     texts = [c for n in gallery.names for c in gallery.captions.get(n, [])]
     owners = [n for n in gallery.names for _ in gallery.captions.get(n, [])]
     ranking = matcher.rank_captions(texts, owners, 10, SearchOptions(k=10))
-    t2i = recall_table(np.asarray(ranking.gt_rank))
+    t2i_ranks = np.asarray(ranking.gt_rank)
+    t2i = recall_table(t2i_ranks)
     i2t = dict(base_entry["i2t"])
     latencies = []
     for i in range(probes):
@@ -53,6 +54,7 @@ def fine_rows(role: str, matcher, base_entry: dict, probes: int = 10) -> dict[st
         latencies.append((time.perf_counter() - started) * 1000)
     scorer_params = sum(p.numel() for p in matcher.scorer.parameters())
     entry = {**base_entry, "t2i": t2i, "i2t": i2t, "rsum": round(sum(t2i.values()) + sum(i2t.values()), 2),
+             **clip_benchmark_recalls(t2i_ranks, "image"),   # i2t's text_retrieval_recall@K: the base's
              "spec": matcher.name, "base": base_entry.get("spec"), "candidates": matcher.candidates,
              "params": int(base_entry["params"]) + scorer_params,
              "size_mb": round(base_entry["size_mb"] + scorer_params * 4 / 1e6, 2),
