@@ -26,11 +26,18 @@ DEFAULT_TRAIN_DATA = REPO_ROOT.parent / "shared" / "data" / "flickr8k"   # Flick
 PACKAGE_DIR = Path(__file__).resolve().parent   # package data (model configs, recipes) travels with the code
 
 
+SPACES_PERSISTENT = Path("/data")   # a Hugging Face Space's persistent storage, when the Space has it
+
+
 def cache_dir() -> Path:
-    """Embedding/feature cache root: ``$MATCHER_CACHE_DIR`` or ``~/.cache/matcher``.
+    """Embedding/feature cache root: ``$MATCHER_CACHE_DIR``, else a Space's persistent ``/data``
+    (so gallery embeddings survive restarts there), else ``~/.cache/matcher``.
 
     Kept out of the repository so that generated data never ends up in git.
     """
-    root = Path(os.environ.get("MATCHER_CACHE_DIR") or Path.home() / ".cache" / "matcher")
+    default = Path.home() / ".cache" / "matcher"
+    if SPACES_PERSISTENT.is_dir() and os.access(SPACES_PERSISTENT, os.W_OK):
+        default = SPACES_PERSISTENT / "matcher-cache"
+    root = Path(os.environ.get("MATCHER_CACHE_DIR") or default)
     root.mkdir(parents=True, exist_ok=True)
     return root
