@@ -1,7 +1,9 @@
 """Every manifest format reads the same gallery and gives exactly the same recall; bad manifests are
 reported, never fatal; the CLIP_benchmark names; the CLI's --format/--images and note lines."""
 import argparse
+import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -146,6 +148,17 @@ def test_bad_entries_in_other_formats(tmp_path):
     assert open_gallery(coco).problems == [
         ("captions_val2014.json: images[4]", "image id 100 listed again; skipped"),
         ("captions_val2014.json: annotations[20]", "needs an 'image_id' of a listed image and a 'caption' string; skipped")]
+
+    formats.write_webdataset(tmp_path / "w", rows)   # samples 0, 1 in shard 0; 2, 3 in shard 1
+    second = tmp_path / "w" / "00001.tar"
+    second.write_bytes(second.read_bytes()[:3000])              # cut inside sample 2's photo
+    with tarfile.open(tmp_path / "w" / "00002.tar", "w") as tar:
+        info = tarfile.TarInfo("lonely.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    gallery = open_gallery(tmp_path / "w")
+    assert len(gallery) == 2 and [p[0] for p in gallery.problems] == ["00001.tar", "00001.tar:000010002.jpg",
+                                                                      "00002.tar:lonely.txt"]
+    assert "unexpected end of data" in gallery.problems[0][1] and "no .jpg/.png/.webp image" in gallery.problems[2][1]
 
     karpathy = formats.write_karpathy(tmp_path / "k", rows)
     data = json.loads(karpathy.read_text())

@@ -104,7 +104,7 @@ def _extract(files: list[Path], target: Path) -> dict:
                         sample[suffix] = f"{folder}/{key}.{suffix}"
                     elif suffix in ("txt", "json"):
                         sample[suffix] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except (tarfile.TarError, EOFError) as exc:   # a damaged shard: keep what came before the damage
             problems.append((shard.name, f"cannot read the rest of this shard ({exc})"))
         for key, sample in samples.items():
             image = next((sample[s] for s in IMAGE_SUFFIXES if s in sample), None)
@@ -133,6 +133,8 @@ def read(path: Path, images: Path | None = None) -> Manifest:
                 shutil.rmtree(tmp)
             else:
                 tmp.rename(target)
+        except OSError as exc:
+            raise GalleryError(f"cannot extract the shards into {target.parent} ({exc.strerror or exc})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     record = json.loads((target / _DONE).read_text())
