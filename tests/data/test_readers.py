@@ -199,3 +199,15 @@ def test_cli_gallery_arguments_print_problems_as_notes(tmp_path, capsys):
         "note: the coco gallery has no split field: split 'test' is all 3 images"]
     with pytest.raises(SystemExit, match="error: images folder not found"):
         open_gallery_arg(parser.parse_args(["--gallery", str(coco), "--images", str(tmp_path / "nowhere")]))
+
+
+def test_results_tables_read_reports_with_clip_benchmark_names(tmp_path):
+    from matcher.eval.results import load_results
+
+    sim = np.array([[0.9, 0.1, 0.2], [0.3, 0.8, 0.1], [0.7, 0.2, 0.6], [0.1, 0.9, 0.3]])
+    row = {**retrieval_metrics(sim, np.array([0, 1, 2, 2])), "params": 1, "size_mb": 1.0,
+           "text_query_ms": 1.0, "images_per_s": 1.0}
+    (tmp_path / "eval-test.json").write_text(json.dumps({"gallery": "g", "split": "test", "matchers": {"m": row}}))
+    table = load_results(tmp_path).table("eval")
+    assert table.loc[0, "t2i.R@1"] == 50.0 and table.loc[0, "image_retrieval_recall@1"] == 0.5   # captions 2, 3 miss
+    assert table.loc[0, "i2t.R@1"] == pytest.approx(200 / 3) and table.loc[0, "text_retrieval_recall@1"] == pytest.approx(2 / 3)

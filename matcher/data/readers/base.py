@@ -54,8 +54,8 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as exc:
-                yield number, None, f"not JSON ({exc})"
+            except json.JSONDecodeError as exc:
+                yield number, None, f"not JSON: {exc.msg} at column {exc.colno}"
                 continue
             if not isinstance(row, dict):
                 yield number, None, "not a JSON object"
