@@ -25,6 +25,8 @@ def test_installed_package_carries_its_configs_and_runs_the_cli(tmp_path):
                             "--target", str(target), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     assert (target / "matcher" / "models" / "configs" / "offline-teacher.json").exists()
+    assert (target / "matcher" / "models" / "configs" / "presets" / "offline.json").exists()
+    assert (target / "matcher" / "train" / "recipes" / "student.json").exists()
     assert (target / "bin" / "matcher").exists()
     env = {**os.environ, "PYTHONPATH": str(target), "MATCHER_HOME": str(REPO)}
     info = subprocess.run([sys.executable, "-m", "matcher", "info"], cwd=tmp_path, env=env, capture_output=True,

@@ -26,8 +26,10 @@ def cmd_encode(args: argparse.Namespace) -> None:
     emb = embed_gallery(load_encoder(args.model), gallery)
     state = "from cache" if emb.from_cache else "encoded"
     print(f"{len(emb.names)} images, {len(emb.caption_texts)} captions {state}; {len(emb.skipped)} skipped")
+    listed = set(gallery.problems)  # already printed as notes when the gallery was opened
     for name, reason in emb.skipped:
-        print(f"  skipped {name}: {reason}")
+        if (name, reason) not in listed:
+            print(f"  skipped {name}: {reason}")
 
 
 def cmd_search(args: argparse.Namespace) -> None:

@@ -47,6 +47,12 @@ def clip_benchmark_recalls(ranks: np.ndarray, retrieved: str, ks=KS) -> dict[str
     return {f"{retrieved}_retrieval_recall@{k}": float(np.mean(ranks < k)) for k in ks}
 
 
+def clip_benchmark_from_recalls(t2i: dict[str, float], i2t: dict[str, float]) -> dict[str, float]:
+    """The same names from percent recall tables (rows measured another way, e.g. two-stage search)."""
+    return {**{f"image_retrieval_recall@{k[2:]}": v / 100 for k, v in t2i.items()},
+            **{f"text_retrieval_recall@{k[2:]}": v / 100 for k, v in i2t.items()}}
+
+
 def retrieval_metrics(sim: np.ndarray, caption_image: np.ndarray) -> dict:
     """{"t2i": {R@1, R@5, R@10}, "i2t": {...}, "rsum", "image_retrieval_recall@K", "text_retrieval_recall@K"}
     for a [captions, images] similarity matrix."""

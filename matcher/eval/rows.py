@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from matcher.eval.metrics import PROBE_QUERIES, clip_benchmark_recalls, recall_table
+from matcher.eval.metrics import PROBE_QUERIES, clip_benchmark_from_recalls, clip_benchmark_recalls, recall_table
 from matcher.hashing.report import DEFAULT_BITS, DEFAULT_CANDIDATES, hashed_entry
 from matcher.search.protocol import Matcher, SearchOptions
 
@@ -29,6 +29,7 @@ def hashed_rows(role: str, matcher, base_entry: dict) -> dict[str, dict]:
         params = hasher.num_params
         rerank_emb = matcher.rerank_embeddings if matcher.rerank_encoder else None
         entry = hashed_entry(hasher, matcher.embeddings, base_entry, params, DEFAULT_CANDIDATES, rerank_emb=rerank_emb)
+        entry.update(clip_benchmark_from_recalls(entry["t2i"], entry["i2t"]))
         entry.update(spec=matcher.name, base=base_entry.get("spec"),
                      rerank_by=matcher.rerank_encoder.name if matcher.rerank_encoder else base_entry.get("spec"))
         rows[f"hashed-{bits}"] = entry

@@ -35,6 +35,7 @@ def test_cli_and_page_rerun_write_the_same_report_and_hashed_rows_are_their_own(
     assert hashed["bytes_per_item"] == 8 and 0 < hashed["candidate_recall"] <= 1
     assert "bytes_per_item" not in student and "candidate_recall" not in student
     assert cli["matchers"]["hashed-32"]["bytes_per_item"] == 4
+    assert hashed["image_retrieval_recall@10"] == hashed["t2i"]["R@10"] / 100   # CLIP_benchmark's names too
     # encoding costs come from the base encoder, the head adds parameters
     assert hashed["text_query_ms"] == student["text_query_ms"] and hashed["params"] > student["params"]
 
