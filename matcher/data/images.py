@@ -1,7 +1,9 @@
 """Read user images robustly: odd modes are converted to RGB, unusable files raise ``UnreadableImage``.
 
 Galleries come from users (zips, folders, uploads), so every failure mode has to end in either
-a usable RGB image or a one-line reason that can be shown to them.
+a usable RGB image or a one-line reason that can be shown to them. Phone photos are often stored
+sideways with an EXIF orientation tag; ``load_rgb`` applies it before anything else looks at the
+pixels, so what is embedded is what a viewer shows.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 import warnings
 from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MIN_SIDE = 8                  # smaller images carry no content worth matching (e.g. 1x1 trackers)
 MAX_PIXELS = 120_000_000      # refuse decompression bombs before decoding them
@@ -34,8 +36,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (a no-op without the tag)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not make the photo unusable
+        return image
+    if orientation in (None, 1):
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001
+        return image
+
+
 def load_rgb(source: str | os.PathLike | BinaryIO) -> Image.Image:
     """Open, fully decode and convert an image to RGB, or raise ``UnreadableImage``."""
+    if isinstance(source, (str, os.PathLike)) and "\x00" in os.fspath(source):
+        raise UnreadableImage("not a file name that can be opened")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -48,6 +66,7 @@ def load_rgb(source: str | os.PathLike | BinaryIO) -> Image.Image:
             if max(w, h) > WORKING_SIDE:
                 image.draft("RGB", (WORKING_SIDE, WORKING_SIDE))  # JPEG decodes at reduced scale
             image.load()
+            image = upright(image)
             if max(image.size) > WORKING_SIDE:
                 image.thumbnail((WORKING_SIDE, WORKING_SIDE))
             return _to_rgb(image)

@@ -10,21 +10,29 @@ Zip extraction is defensive, because the zip comes from a stranger:
   embedding cache, encoded) once.
 
 Server-side folders are only accepted below configured roots (``MATCHER_FOLDER_ROOTS``), so a
-public page cannot be used to browse the server's disk.
+public page cannot be used to browse the server's disk. Every failure, including a disk that is
+full or read-only and paths no file system accepts (NUL bytes), is an ``UploadError`` with a
+message for the user; a half-extracted ``<hash>.tmp<pid>`` folder is removed on the way out, and
+``remove_partial_extractions`` removes those a crash left behind.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from matcher.data.gallery import CAPTIONS_FILE
 from matcher.data.images import IMAGE_EXTENSIONS
 from matcher.paths import REPO_ROOT, cache_dir
+
+log = logging.getLogger(__name__)
 
 MAX_FILES = 5000
 MAX_FILE_BYTES = 30 * 1024 * 1024
@@ -45,9 +53,59 @@ class Extracted:
 
 
 def uploads_dir() -> Path:
-    path = cache_dir() / "uploads"
-    path.mkdir(parents=True, exist_ok=True)
+    """Where zips are extracted (``<cache>/uploads``); ``UploadError`` if the disk refuses it."""
+    try:
+        path = cache_dir() / "uploads"
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UploadError(_disk_message(exc)) from None
     return path
+
+
+def _disk_message(exc: OSError) -> str:
+    return (f"the server cannot store uploads right now ({exc.strerror or type(exc).__name__}); "
+            "please try again later.")
+
+
+_PARTIAL = re.compile(r".+\.tmp(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_partial_extractions(root: str | Path | None = None) -> list[Path]:
+    """Delete ``<hash>.tmp<pid>`` folders whose extracting process is gone (left by a crash)."""
+    try:
+        root = Path(root) if root is not None else uploads_dir()
+        entries = list(root.iterdir()) if root.is_dir() else []
+    except (OSError, UploadError):
+        return []
+    removed = []
+    for entry in entries:
+        match = _PARTIAL.fullmatch(entry.name)
+        if match and entry.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            log.info("removed a partial extraction left by a crash: %s", entry)
+    return removed
+
+
+def touch(path: Path) -> None:
+    """Mark an extracted gallery as just used (disk budgets evict the least recently used first)."""
+    for p in (path / _DONE, path):
+        try:
+            os.utime(p)
+        except OSError:
+            pass
 
 
 def _file_hash(path: Path) -> str:
@@ -88,10 +146,23 @@ def extract_zip(zip_path: str | Path, target_root: str | Path | None = None, max
                 max_file_bytes: int = MAX_FILE_BYTES, max_total_bytes: int = MAX_TOTAL_BYTES) -> Extracted:
     """Extract the images (and ``captions.jsonl``) of a zip into ``target_root/<content hash>/``."""
     zip_path = Path(zip_path)
+    try:
+        return _extract_zip(zip_path, target_root, max_files, max_file_bytes, max_total_bytes)
+    except ValueError as exc:  # e.g. a NUL byte in the path: no file system accepts it
+        if isinstance(exc, UploadError):
+            raise
+        raise UploadError("that upload has a name the server cannot use; rename the file and try again.") from None
+    except OSError as exc:  # disk full or read-only, permission, file gone
+        raise UploadError(_disk_message(exc)) from None
+
+
+def _extract_zip(zip_path: Path, target_root: str | Path | None, max_files: int, max_file_bytes: int,
+                 max_total_bytes: int) -> Extracted:
     if not zipfile.is_zipfile(zip_path):
         raise UploadError(f"{zip_path.name} is not a zip file. Upload a .zip of images (optionally with captions.jsonl).")
     target = Path(target_root or uploads_dir()) / _file_hash(zip_path)
     if (target / _DONE).exists():
+        touch(target)
         files = sum(1 for p in target.rglob("*") if p.is_file() and p.name != _DONE)
         skipped = [tuple(line.split("\t", 1)) for line in (target / _DONE).read_text().splitlines() if "\t" in line]
         return Extracted(target, files, skipped, from_cache=True)
@@ -155,13 +226,17 @@ def extract_zip(zip_path: str | Path, target_root: str | Path | None = None, max
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as exc:
         raise UploadError(f"cannot read {zip_path.name} as a zip ({exc}).") from None
-    (tmp / _DONE).write_text("".join(f"{n}\t{r}\n" for n, r in skipped))
-    if target.exists():
-        shutil.rmtree(tmp, ignore_errors=True)  # another request extracted the same zip meanwhile
-    else:
-        tmp.rename(target)
+    try:
+        (tmp / _DONE).write_text("".join(f"{n}\t{r}\n" for n, r in skipped))
+        if target.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # another request extracted the same zip meanwhile
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     files = sum(1 for p in target.rglob("*") if p.is_file() and p.name != _DONE)
     return Extracted(target, files, skipped)
 
@@ -178,14 +253,22 @@ def folder_roots() -> list[Path]:
 
 def check_folder(folder: str | Path, roots: list[Path] | None = None) -> Path:
     """A server-side gallery folder, if it exists and lies under an allowed root."""
-    if not str(folder).strip():
+    text = str(folder if folder is not None else "").strip()
+    if not text:
         raise UploadError("Type the path of a folder on the server.")
-    path = Path(str(folder).strip()).expanduser().resolve()
+    if "\x00" in text or len(text) > 4096 or not text.isprintable():
+        raise UploadError("That is not a folder path (it contains characters no path can hold).")
     roots = folder_roots() if roots is None else [Path(r).resolve() for r in roots]
-    if not any(path.is_relative_to(r) for r in roots):
+    try:
+        path = Path(text).expanduser().resolve()
+        inside = any(path.is_relative_to(r) for r in roots)
+        exists = inside and path.is_dir()
+    except (OSError, ValueError, RuntimeError):  # unreadable, a link loop, a name too long
+        raise UploadError("That folder cannot be read on this server.") from None
+    if not inside:
         allowed = ", ".join(str(r) for r in roots) or "none configured"
         raise UploadError(f"{path} is outside the folders this server shares (allowed: {allowed}; "
                           "set MATCHER_FOLDER_ROOTS to change).")
-    if not path.is_dir():
+    if not exists:
         raise UploadError(f"folder not found: {path}")
     return path

@@ -99,3 +99,72 @@ def test_training_caches_are_rebuilt_when_corrupted_or_made_from_other_data(tmp_
     entry.write_bytes(entry.read_bytes()[:100])
     assert cached_arrays("feats", other, build(4.0))["x"][0, 0] == 4.0 and calls == [1.0, 3.0, 4.0]
     assert "corrupted" in caplog.text
+
+
+def test_read_only_cache_folder_is_reported_and_searching_goes_on(small_gallery, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from matcher.data.cache import cache_problems
+
+    root = tmp_path / "ro" / "embeddings"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    cache = ArrayCache(root)
+    assert "Read-only file system" in cache.problem and "MATCHER_CACHE_DIR" in cache.problem
+    assert cache.problem in cache_problems()
+    assert cache.get("anything") is None
+    assert cache.put("anything", {"x": np.zeros(3)}, {}) is False
+    encoder = load_encoder("open_clip:matcher-tiny-vit")
+    emb = embed_gallery(encoder, open_gallery(small_gallery), cache)   # computed, used, not stored
+    assert emb.images.shape == (12, 32) and not emb.from_cache
+
+
+def test_full_disk_while_writing_leaves_nothing_behind_and_recovers(tmp_path, monkeypatch):
+    import errno
+
+    import matcher.data.cache as cache_module
+    from matcher.data.cache import cache_problems
+
+    cache = ArrayCache(tmp_path / "cache")
+    real_savez = np.savez
+
+    def full(file, **arrays):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module.np, "savez", full)
+    assert cache.put("k", {"x": np.arange(3)}, {"m": 1}) is False
+    assert any("No space left on device" in p for p in cache_problems())
+    assert list(cache.root.iterdir()) == []            # the half-written temporary file is gone
+    monkeypatch.setattr(cache_module.np, "savez", real_savez)
+    assert cache.put("k", {"x": np.arange(3)}, {"m": 1}) is True
+    assert not any(str(cache.root) in p for p in cache_problems())   # space again: the message goes
+    arrays, meta = cache.get("k")
+    assert arrays["x"].tolist() == [0, 1, 2] and meta == {"m": 1}
+
+
+def test_unusable_cache_root_from_the_environment(small_gallery, tmp_path, monkeypatch):
+    """MATCHER_CACHE_DIR below a regular file: no folder can be made there (a real OSError)."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("MATCHER_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    cache = ArrayCache()
+    assert cache.root is None and "cannot be written" in cache.problem
+    emb = embed_gallery(load_encoder("open_clip:matcher-tiny-vit"), open_gallery(small_gallery))
+    assert len(emb.names) == 12
+
+
+def test_a_hit_marks_the_entry_as_recently_used(tmp_path):
+    import os
+
+    cache = ArrayCache(tmp_path / "cache")
+    cache.put("k", {"x": np.arange(3)}, {})
+    os.utime(cache.path("k"), (1_000_000, 1_000_000))
+    assert cache.get("k") is not None
+    assert cache.path("k").stat().st_mtime > 1_000_000

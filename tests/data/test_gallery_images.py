@@ -51,6 +51,32 @@ def test_large_images_are_reduced(tmp_path):
     assert max(image.size) <= images_mod.WORKING_SIDE and image.mode == "RGB"
 
 
+def _sideways_photo(path, size=(40, 80), orientation=6):
+    """A phone photo as cameras store it: pixels sideways, an EXIF tag saying how to turn them.
+    Upright it is ``size`` (w, h), red on top, blue below."""
+    upright = Image.new("RGB", size, (220, 20, 20))
+    upright.paste((20, 20, 220), (0, size[1] // 2, size[0], size[1]))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)   # orientation 6 turns it back by 270 degrees
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, "JPEG", exif=exif.tobytes(), quality=95)
+    return path
+
+
+@pytest.mark.parametrize("size", [(40, 80), (1200, 2400)])   # the large one goes through the JPEG draft path
+def test_exif_orientation_is_applied_before_anything_else(tmp_path, size):
+    path = _sideways_photo(tmp_path / "phone.jpg", size)
+    with Image.open(path) as raw:
+        assert raw.size == (size[1], size[0])          # stored sideways
+    image = load_rgb(path)
+    w, h = image.size
+    assert w < h and image.mode == "RGB"              # upright: taller than wide
+    top, bottom = image.getpixel((w // 2, h // 8)), image.getpixel((w // 2, 7 * h // 8))
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]   # red on top, blue below
+    plain = _save(tmp_path / "plain.jpg", Image.new("RGB", (60, 30), (5, 5, 5)), "JPEG")
+    assert load_rgb(plain).size == (60, 30)            # no tag: untouched
+
+
 def test_gallery_lists_captioned_first_and_reports_missing(tmp_path):
     for name in ("b.jpg", "a.jpg", "extra.png"):
         Image.new("RGB", (32, 32)).save(tmp_path / name)

@@ -82,3 +82,56 @@ def test_server_folders_only_below_allowed_roots(tmp_path):
         check_folder(str(inside / ".." / ".." ), [tmp_path / "shared"])
     with pytest.raises(UploadError, match="not found"):
         check_folder(str(tmp_path / "shared" / "missing"), [tmp_path / "shared"])
+
+
+def test_nul_bytes_and_odd_paths_are_plain_upload_errors(tmp_path):
+    roots = [tmp_path]
+    for bad in ["/etc\x00", "photos\x00/x", "a\nb", "x" * 5000]:
+        with pytest.raises(UploadError, match="not a folder path"):
+            check_folder(bad, roots)
+    with pytest.raises(UploadError, match="Type the path"):
+        check_folder(None, roots)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UploadError):
+        check_folder(str(loop / "x"), roots)
+    with pytest.raises(UploadError, match="name the server cannot use"):
+        extract_zip(tmp_path / "a\x00.zip", tmp_path / "u")
+
+
+def test_a_full_disk_during_extraction_is_an_upload_error_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    archive = make_zip(tmp_path / "p.zip", {f"{i}.png": png_bytes() for i in range(3)})
+    real_open = builtins.open
+    written = []
+
+    def full_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and ".tmp" in str(file):
+            written.append(file)
+            if len(written) == 2:
+                handle.close()
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return handle
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(UploadError, match="cannot store uploads right now"):
+        extract_zip(archive, tmp_path / "u")
+    monkeypatch.undo()
+    assert list((tmp_path / "u").iterdir()) == []
+
+
+def test_partial_extractions_of_dead_processes_are_removed(tmp_path):
+    import os
+    from pathlib import Path
+
+    from matcher.data.uploads import remove_partial_extractions
+
+    dead = next(p for p in range(4_000_000, 4_100_000) if not Path(f"/proc/{p}").exists())
+    crashed, live, done = tmp_path / f"aa.tmp{dead}", tmp_path / f"bb.tmp{os.getpid()}", tmp_path / "cc"
+    for folder in (crashed, live, done):
+        folder.mkdir()
+    assert remove_partial_extractions(tmp_path) == [crashed]
+    assert live.exists() and done.exists()
