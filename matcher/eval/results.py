@@ -9,6 +9,7 @@ reference lines labelled as numbers on a *different* dataset (Flickr30k, not our
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,22 +217,98 @@ def tradeoff_points(results: Results, speed: str, accuracy: str) -> TradeoffPoin
     return TradeoffPoints(pd.DataFrame(rows, columns=["label", "group", "speed", "accuracy"]), used, skipped, references)
 
 
+# Label placement: positions are chosen in pixels of an assumed drawing area no larger than the page
+# gives the chart (a wider chart only spreads the points further apart).
+LABEL_FONT_PX = 10
+CHAR_PX = 6.2                 # average width of one character at LABEL_FONT_PX
+LINE_PX = 13
+MARKER_PX = 12
+PLOT_AREA_PX = (700.0, 360.0)  # (width, height) of the plot area, legend and margins excluded
+LABEL_POSITIONS = ("top center", "bottom center", "middle right", "middle left")
+Box = tuple[float, float, float, float]   # x0, y0, x1, y1 in pixels, y upwards
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _label_box(x: float, y: float, text: str, position: str) -> Box:
+    w, h, gap = len(text) * CHAR_PX, LINE_PX, MARKER_PX / 2 + 2
+    if position == "top center":
+        return (x - w / 2, y + gap, x + w / 2, y + gap + h)
+    if position == "bottom center":
+        return (x - w / 2, y - gap - h, x + w / 2, y - gap)
+    if position == "middle right":
+        return (x + gap, y - h / 2, x + gap + w, y + h / 2)
+    return (x - gap - w, y - h / 2, x - gap, y + h / 2)
+
+
+def _to_pixels(values: pd.Series, log: bool, size: float, extra: list[float] = ()) -> list[float]:
+    """Data -> pixel positions along one axis; ``extra`` values widen the range (reference lines)."""
+    v = pd.to_numeric(values, errors="coerce").astype(float)
+    if log:
+        v = v.clip(lower=1e-12).map(math.log10)
+    lo, hi = min([float(v.min()), *extra]), max([float(v.max()), *extra])
+    span = (hi - lo) or 1.0
+    lo, hi = lo - 0.06 * span, hi + 0.06 * span   # plotly pads the range around markers
+    return [(x - lo) / (hi - lo) * size for x in v]
+
+
+def place_labels(points: pd.DataFrame, log_x: bool, obstacles: list[Box] = (), y_extra: list[float] = (),
+                 area: tuple[float, float] = PLOT_AREA_PX) -> tuple[list[str | None], list[Box]]:
+    """A text position for each point whose label fits without touching another label, a marker, an
+    obstacle or the edge of the plot (first come, first served: rows in order, the matchers first),
+    None where it does not (that point is named on hover only). Returns (positions, label boxes)."""
+    if points.empty:
+        return [], []
+    xs, ys = _to_pixels(points["speed"], log_x, area[0]), _to_pixels(points["accuracy"], False, area[1], y_extra)
+    half = MARKER_PX / 2
+    taken: list[Box] = [(x - half, y - half, x + half, y + half) for x, y in zip(xs, ys)] + list(obstacles)
+    positions: list[str | None] = []
+    boxes: list[Box] = []
+    for x, y, label in zip(xs, ys, points["label"]):
+        chosen = None
+        for position in LABEL_POSITIONS:
+            box = _label_box(x, y, str(label), position)
+            inside = box[0] >= 0 and box[1] >= 0 and box[2] <= area[0] and box[3] <= area[1]
+            own_marker = (x - half, y - half, x + half, y + half)
+            if inside and not any(_overlaps(box, t) for t in taken if t != own_marker):
+                chosen = position
+                taken.append(box)
+                boxes.append(box)
+                break
+        positions.append(chosen)
+    return positions, boxes
+
+
 def tradeoff_figure(results: Results, speed: str = "text-query latency (ms)", accuracy: str = "rsum"):
-    """Plotly figure: measured points as markers per group, published numbers as dotted reference lines."""
+    """Plotly figure: measured points as markers per group (one legend entry each, click to hide), a
+    name printed next to a point only where it collides with nothing (``place_labels``), every name on
+    hover; published numbers as dotted reference lines."""
     import plotly.graph_objects as go
 
     tp = tradeoff_points(results, speed, accuracy)
     fig = go.Figure()
     symbols = ["circle", "diamond", "square", "triangle-up", "cross", "x"]
-    for i, (group, part) in enumerate(tp.points.groupby("group", sort=False)):
+    log_x = SPEED_METRICS[speed][1] == "lower" and not tp.points.empty and bool((tp.points["speed"] > 0).all())
+    refs = tp.references.sort_values("accuracy").reset_index(drop=True)
+    ref_texts = [f"{r['model']}: {r['accuracy']:.1f} ({PUBLISHED_LABEL})" for _, r in refs.iterrows()]
+    positions, _ = place_labels(tp.points, log_x, _reference_boxes(tp.points, refs, ref_texts),
+                                y_extra=[float(a) for a in refs["accuracy"]])
+    points = tp.points.assign(position=positions)
+    for i, (group, part) in enumerate(points.groupby("group", sort=False)):
+        shown = part["position"].notna()
         fig.add_trace(go.Scatter(
             x=part["speed"], y=part["accuracy"], mode="markers+text", name=f"{group} (measured here)",
-            text=part["label"], textposition="top center", marker=dict(size=12, symbol=symbols[i % len(symbols)]),
-            hovertemplate="%{text}<br>" + speed + ": %{x:.2f}<br>" + accuracy + ": %{y:.2f}<extra>" + group + "</extra>",
+            text=[label if ok else "" for label, ok in zip(part["label"], shown)],
+            textposition=[p if isinstance(p, str) else "top center" for p in part["position"]],
+            textfont=dict(size=LABEL_FONT_PX),
+            customdata=part[["label"]].values, marker=dict(size=MARKER_PX, symbol=symbols[i % len(symbols)]),
+            hovertemplate="<b>%{customdata[0]}</b><br>" + speed + ": %{x:.2f}<br>" + accuracy + ": %{y:.2f}<extra>" + group + "</extra>",
         ))
-    for i, (_, ref) in enumerate(tp.references.sort_values("accuracy").iterrows()):
-        fig.add_hline(y=float(ref["accuracy"]), line_dash="dot", line_color="gray", opacity=0.7,
-                      annotation_text=f"{ref['model']}: {ref['accuracy']:.1f} ({PUBLISHED_LABEL})",
+    for i, text in enumerate(ref_texts):
+        fig.add_hline(y=float(refs.loc[i, "accuracy"]), line_dash="dot", line_color="gray", opacity=0.7,
+                      annotation_text=text,
                       annotation_position="bottom right" if i % 2 == 0 else "top left",
                       annotation_font_size=10, annotation_font_color="gray")
     if not tp.references.empty:  # a legend entry so the dotted lines are explained
@@ -240,12 +317,28 @@ def tradeoff_figure(results: Results, speed: str = "text-query latency (ms)", ac
     title = f"{accuracy} vs {speed}"
     if tp.points.empty:
         title += " (no measured results yet)"
+    elif points["position"].isna().any():
+        title += " (hover for the names of unlabelled points)"
     fig.update_layout(title=title, xaxis_title=speed + ("  (lower is faster)" if SPEED_METRICS[speed][1] == "lower" else ""),
                       yaxis_title=accuracy + " (Flickr8k test, measured here)", legend=dict(orientation="h", y=-0.2),
-                      margin=dict(l=50, r=20, t=50, b=40), height=520, template="plotly_white")
-    if SPEED_METRICS[speed][1] == "lower" and not tp.points.empty and (tp.points["speed"] > 0).all():
+                      margin=dict(l=50, r=20, t=50, b=40), height=520, template="plotly_white", hovermode="closest")
+    if log_x:
         fig.update_xaxes(type="log")
     return fig, tp
+
+
+def _reference_boxes(points: pd.DataFrame, refs: pd.DataFrame, texts: list[str]) -> list[Box]:
+    """Where the reference lines' annotations sit, in the pixels ``place_labels`` uses (the y range
+    then spans the points and the lines)."""
+    if points.empty or refs.empty:
+        return []
+    w, h = PLOT_AREA_PX
+    ys = _to_pixels(refs["accuracy"], False, h, [float(a) for a in points["accuracy"]])
+    boxes = []
+    for i, (text, y) in enumerate(zip(texts, ys)):
+        width = len(text) * CHAR_PX
+        boxes.append((w - width, y - LINE_PX, w, y) if i % 2 == 0 else (0.0, y, width, y + LINE_PX))
+    return boxes
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
