@@ -42,7 +42,7 @@ def one_start(extra: list[str], cache: str) -> dict:
             started = time.perf_counter()
             out = client.predict(text=q, k=8, api_name="/search_text")
             timings.append((time.perf_counter() - started) * 1000)
-        columns = sum(1 for item in out[2::2] if len(gallery_items(item)) == 8)
+        columns = sum(1 for item in out[2:] if len(gallery_items(item)) == 8)
         stages = [line.split("warm: ", 1)[1] for line in server.lines if "warm: " in line]
         return {"serving_s": round(serving, 2), "warm_s": round(warm, 2), "first_query_ms": round(timings[0], 1),
                 "next_queries_ms_median": round(statistics.median(timings[1:]), 1), "columns_filled": columns,

@@ -3,6 +3,10 @@
 - ``MatcherSet`` opens each role's matcher lazily (once, thread-safe) over one gallery and answers
   text, image and "more like this" queries with one ``Column`` per role: the top-K with scores,
   ground-truth marks (when the query is one of the gallery's captions) and per-stage timings.
+  An option only one matcher refuses (a code length its hash heads lack) is that column's message;
+  the other columns still answer. ``code_lengths()`` says which code lengths the hashed heads have.
+- Text queries that arrive together are encoded in one batch per encoder
+  (``matcher.dashboard.batching``), so concurrent visitors share forward passes.
 
 Nothing here knows about Gradio; ``python -m matcher compare`` prints the same columns.
 """
@@ -16,10 +20,11 @@ from typing import Callable
 
 from PIL import Image
 
+from matcher.dashboard.batching import share_text_batches
 from matcher.data.gallery import Gallery
 from matcher.presets import ordered_roles
 from matcher.registry import open_matcher
-from matcher.search.protocol import Matcher, QueryError, SearchOptions, SearchResult, check_text_query
+from matcher.search.protocol import Matcher, QueryError, SearchOptions, SearchResult, check_k, check_text_query
 
 WARM_UP_QUERY = "a dog runs on the grass"
 
@@ -65,10 +70,12 @@ class RoleUnavailable(RuntimeError):
 class MatcherSet:
     """The matchers of one preset over one gallery, opened lazily and shared between threads."""
 
-    def __init__(self, roles: dict[str, str], gallery: Gallery, opener: Callable[[str, Gallery], Matcher] | None = None):
+    def __init__(self, roles: dict[str, str], gallery: Gallery, opener: Callable[[str, Gallery], Matcher] | None = None,
+                 batch_texts: bool = True):
         self.roles = {r: roles[r] for r in ordered_roles(roles)}
         self.gallery = gallery
         self._opener = opener or open_matcher
+        self._batch_texts = batch_texts
         self._matchers: dict[str, Matcher] = {}
         self._errors: dict[str, str] = {}
         self._locks = {r: threading.Lock() for r in self.roles}
@@ -82,7 +89,10 @@ class MatcherSet:
         with self._locks[role]:
             if role not in self._matchers and role not in self._errors:
                 try:
-                    self._matchers[role] = self._opener(self.roles[role], self.gallery)
+                    matcher = self._opener(self.roles[role], self.gallery)
+                    if self._batch_texts:
+                        share_text_batches(matcher)
+                    self._matchers[role] = matcher
                 except Exception as exc:  # a broken role must not take the other columns down
                     self._errors[role] = f"{type(exc).__name__}: {exc}"
             if role in self._errors:
@@ -106,6 +116,18 @@ class MatcherSet:
                 status[role] = str(exc)
         return status
 
+    def code_lengths(self) -> list[int]:
+        """Code lengths (bits) the hashed matchers of this set can search with (opens them); [] if none."""
+        bits: set[int] = set()
+        for role in self.roles:
+            try:
+                hashers = getattr(self.matcher(role), "hashers", None)
+            except RoleUnavailable:
+                continue
+            if isinstance(hashers, dict):
+                bits.update(int(b) for b in hashers)
+        return sorted(bits)
+
     # ground truth -------------------------------------------------------------------------
     def ground_truth(self, text: str) -> set[str]:
         """Images one of whose captions equals the query (after ``normalise_caption``)."""
@@ -119,13 +141,16 @@ class MatcherSet:
 
     # queries ---------------------------------------------------------------------------------
     def _run(self, call: Callable[[Matcher], SearchResult], truth: set[str]) -> list[Column]:
-        columns = []
+        """One column per role. A query every matcher refuses raises ``QueryError`` once; one that only
+        some refuse (e.g. a code length only the hashed matcher reads) is a message in those columns."""
+        columns, refused = [], []
         for role, spec in self.roles.items():
             column = Column(role, spec)
             try:
                 result = call(self.matcher(role))
-            except QueryError:
-                raise
+            except QueryError as exc:
+                column.error = str(exc)
+                refused.append(exc)
             except RoleUnavailable as exc:
                 column.error = str(exc)
             else:
@@ -133,16 +158,21 @@ class MatcherSet:
                 column.hits = [ColumnHit(rank, h.name, self.gallery.path(h.name), float(h.score), h.name in truth)
                                for rank, h in enumerate(result.hits, 1)]
             columns.append(column)
+        if refused and len(refused) == len(columns):
+            raise refused[0]
         return columns
 
     def search_text(self, text: str, options: SearchOptions = SearchOptions()) -> list[Column]:
         text = check_text_query(text)  # one clear message instead of one per column
+        check_k(options.k)
         return self._run(lambda m: m.search_text(text, options), self.ground_truth(text))
 
     def search_image(self, image: Image.Image, options: SearchOptions = SearchOptions()) -> list[Column]:
+        check_k(options.k)
         return self._run(lambda m: m.search_image(image, options), set())
 
     def more_like(self, name: str, options: SearchOptions = SearchOptions()) -> list[Column]:
+        check_k(options.k)
         if name not in set(self.gallery.names):
             raise QueryError(f"{name!r} is not in this gallery.")
         return self._run(lambda m: m.more_like(name, options), set())

@@ -31,7 +31,7 @@ class Workspace:
         self.default_gallery = str(Path(gallery or DEFAULT_GALLERY).resolve())
         self.split = split
         self.results_dir = Path(results_dir or RESULTS_DIR)
-        self.live_results_dir = Path(live_results_dir) if live_results_dir else cache_dir() / "results"
+        self._live_results_dir = Path(live_results_dir) if live_results_dir else None
         self._hub_ok = hub_ok
         self._hub: bool | None = None
         self._opener = opener
@@ -40,6 +40,18 @@ class Workspace:
         self._galleries: dict[str, Gallery] = {}
         self._sets: OrderedDict[tuple[str, str], MatcherSet] = OrderedDict()
         self._analyses: OrderedDict[tuple, object] = OrderedDict()
+
+    @property
+    def live_results_dir(self) -> Path:
+        """Where re-measured results go (``<cache>/results``); resolved on use, so that a cache folder
+        that cannot be created does not stop the page from starting."""
+        if self._live_results_dir is None:
+            try:
+                root = cache_dir()
+            except OSError as exc:
+                raise ValueError(f"the cache folder cannot be written ({exc.strerror or exc})") from None
+            self._live_results_dir = root / "results"
+        return self._live_results_dir
 
     # presets and galleries ---------------------------------------------------------------------
     def hub_ok(self) -> bool:
@@ -82,6 +94,15 @@ class Workspace:
                 self._sets.popitem(last=False)
             return mset
 
+    def open_galleries(self) -> list[str]:
+        """Gallery folders some open matcher set serves (a disk budget must not evict them)."""
+        with self._lock:
+            return sorted({root for _, root in self._sets})
+
+    def code_lengths(self, preset: str | None = None, root: str | None = None) -> list[int]:
+        """Code lengths the active preset's hashed matchers offer (opens them); [] without one."""
+        return self.matchers(preset, root).code_lengths()
+
     def warm(self, preset: str | None = None) -> dict[str, str | None]:
         """Load the default matchers and gallery embeddings (run in a thread at start-up)."""
         started = time.perf_counter()
@@ -95,7 +116,11 @@ class Workspace:
         from matcher.eval.results import RESULT_FILES, load_results
 
         shipped = load_results(self.results_dir)
-        live_files = [f for f in RESULT_FILES.values() if (self.live_results_dir / f).exists()]
+        try:
+            live_dir = self.live_results_dir
+        except ValueError:
+            return shipped
+        live_files = [f for f in RESULT_FILES.values() if (live_dir / f).exists()]
         if not live_files:
             return shipped
         live = load_results(self.live_results_dir)
@@ -117,18 +142,31 @@ class Workspace:
         kwargs = {"measure": measure} if measure else {}
         report = build_report(active.roles, gallery, split=self.split, preset=active.name, **kwargs)
         path = self.live_results_dir / "eval-test.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, report)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, report)
+        except OSError as exc:
+            raise ValueError(f"measured, but the results cannot be saved ({exc.strerror or exc})") from None
         return path
 
     # error analysis -----------------------------------------------------------------------------
+    def _analysis_key(self, mset: MatcherSet, k: int, options: SearchOptions, limit: int | None) -> tuple:
+        return (tuple(mset.roles.items()), str(mset.gallery.root), len(mset.gallery), k, options.bits, options.candidates,
+                options.rerank, limit)
+
+    def cached_analysis(self, preset: str | None, root: str | None, k: int, options: SearchOptions,
+                        limit: int | None = None):
+        """The analysis for these settings if it was computed and is still kept, else None (never computes)."""
+        key = self._analysis_key(self.matchers(preset, root), k, options, limit)
+        with self._lock:
+            return self._analyses.get(key)
+
     def analysis(self, preset: str | None, root: str | None, k: int, options: SearchOptions, limit: int | None = None,
                  progress: Callable | None = None):
         from matcher.eval.analysis import analyse
 
         mset = self.matchers(preset, root)
-        key = (tuple(mset.roles.items()), str(mset.gallery.root), len(mset.gallery), k, options.bits, options.candidates,
-               options.rerank, limit)
+        key = self._analysis_key(mset, k, options, limit)
         with self._lock:
             if key in self._analyses:
                 return self._analyses[key]

@@ -147,3 +147,57 @@ def test_bundled_offline_preset_finds_captions_in_a_small_gallery(small_gallery)
         assert all(c.error is None and len(c.hits) == 5 for c in columns)
         found += columns[0].hits[0].match or any(h.match for h in columns[0].hits)
     assert found >= 4  # the trained teacher puts the right photo in the top 5 of 12 for most captions
+
+
+def test_code_lengths_come_from_the_hashed_heads_and_others_are_refused_in_that_column_only(small_gallery):
+    """A real HashedMatcher with 32- and 64-bit LSH codes over the tiny model, next to an exact one."""
+    from matcher.data.embed import embed_gallery
+    from matcher.hashing.codes import LSHHasher
+    from matcher.registry import load_encoder
+    from matcher.search.exact import ExactMatcher
+    from matcher.search.hashed import HashedMatcher
+
+    gallery = open_gallery(small_gallery)
+    encoder = load_encoder(TINY)
+    emb = embed_gallery(encoder, gallery)
+
+    def opener(spec, g):
+        if spec == "hashed":
+            return HashedMatcher(encoder, g, {b: LSHHasher(emb.images, emb.captions, b) for b in (32, 64)}, emb)
+        return ExactMatcher(encoder, g, emb)
+
+    mset = MatcherSet({"teacher": "exact", "hashed": "hashed"}, gallery, opener)
+    assert mset.code_lengths() == [32, 64]
+    teacher, hashed = mset.search_text("a dog", SearchOptions(k=4, bits=16))
+    assert len(teacher.hits) == 4 and teacher.error is None
+    assert hashed.hits == [] and "no 16-bit codes" in hashed.error and "[32, 64]" in hashed.error
+    assert all(len(c.hits) == 4 for c in mset.search_text("a dog", SearchOptions(k=4, bits=32)))
+    with pytest.raises(QueryError, match="K must be between"):     # what every column refuses: one message
+        mset.search_text("a dog", SearchOptions(k=0))
+    assert MatcherSet({"teacher": "exact"}, gallery, opener).code_lengths() == []
+
+
+def test_the_page_offers_the_loaded_code_lengths(small_gallery):
+    import app
+    from matcher.dashboard.workspace import Workspace
+
+    ws = Workspace(presets={"p": {"teacher": TINY, "hashed": "offline-hashed"}}, gallery=small_gallery,
+                   hub_ok=lambda: False,
+                   opener=lambda spec, g: HashedFake(spec, g) if spec == "offline-hashed" else FakeMatcher(spec, g))
+    demo = app.build_app(ws)
+    code_lengths = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "code_lengths")
+    update = code_lengths("p", ws.default_gallery)
+    assert update["choices"] == [128, 256]
+    assert update["value"] == 128
+    run_text = next(f.fn for f in demo.fns.values() if f.api_name == "search_text")
+    out = run_text("a dog", "p", ws.default_gallery, 3, 16, 100, True)
+    assert "⚠️ no 16-bit codes" in out[4] and len(out[3]) == 3 and out[5] == []   # teacher filled, hashed says why
+
+
+class HashedFake(FakeMatcher):
+    hashers = {128: None, 256: None}
+
+    def _result(self, options):
+        if options.bits not in self.hashers:
+            raise QueryError(f"no {options.bits}-bit codes for this matcher; choose one of {sorted(self.hashers)}")
+        return super()._result(options)
