@@ -51,7 +51,7 @@ Listed: queries where the teacher finds it in its top K and the chosen matcher d
 
 # Searches in flight at once. More than the cores: text queries in flight together are encoded in one
 # batch (matcher.dashboard.batching), which is where a loaded server gains most.
-SEARCH_CONCURRENCY = int(os.environ.get("MATCHER_SEARCH_CONCURRENCY", "8"))
+SEARCH_CONCURRENCY = int(os.environ.get("MATCHER_SEARCH_CONCURRENCY", "16"))
 STANDARD_CODE_LENGTHS = [16, 32, 64, 128, 256]   # what an API call may name; the page offers the loaded ones
 
 
@@ -694,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
     # Gradio recomputes its request analytics (a pandas frame over up to 10000 past events) after every
     # event by default; every 100 events is plenty for its monitoring page and saves that per query.
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "100")
+    # Gradio switches matplotlib to "agg" around every call; already "agg", that switch costs nothing.
+    os.environ.setdefault("MPLBACKEND", "agg")
     # One intra-op thread per query: batch-1 queries gain nothing from more, and on a small shared CPU
     # several threads per request spin against each other (measured: 1 ms vs 200 ms per text query).
     import torch

@@ -190,8 +190,9 @@ def _extract_zip(zip_path: Path, target_root: str | Path | None, max_files: int,
                     skipped.append((info.filename, f"larger than {max_file_bytes // (1024 * 1024)} MB"))
                     continue
                 wanted.append((info, rel))
-            if len(wanted) > max_files:
-                raise UploadError(f"the zip holds {len(wanted)} files; the limit is {max_files}.")
+            images = sum(1 for _, rel in wanted if rel.suffix.lower() in IMAGE_EXTENSIONS)
+            if images > max_files:
+                raise UploadError(f"the zip holds {images} images; the limit is {max_files}.")
             if not any(rel.suffix.lower() in IMAGE_EXTENSIONS for _, rel in wanted):
                 raise UploadError("the zip contains no image files (.jpg, .png, ...).")
             strip = _common_top_folder([rel for _, rel in wanted])
