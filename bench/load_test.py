@@ -14,6 +14,7 @@ clients are measured for as many queries without it first.
 
     python bench/load_test.py --clients 32 --queries 20 --heavy-images 1000 --public   # starts its own server
     python bench/load_test.py --url http://127.0.0.1:7860/                              # against a running one
+    python bench/load_test.py --in-process 16       # the matcher set alone: text batching's share of the gain
 
 The clients run on the same machine as the server: their CPU time is reported next to the
 server's, because on a small machine they compete for the same cores.
@@ -196,6 +197,38 @@ def heavy_phase(url: str, images: int, clients: int, queries: int, k: int, colum
             "heavy": heavy, "searches_without_heavy": quiet, "searches_during_heavy": during}
 
 
+def in_process(threads: int, queries: int = 400) -> dict:
+    """The default preset's matcher set alone (no HTTP, no Gradio): CPU per text query answered one at a
+    time without batching, and with ``threads`` queries in flight and text batching on."""
+    import torch
+
+    from matcher.dashboard.matchers import MatcherSet
+    from matcher.dashboard.workspace import Workspace
+    from matcher.search.protocol import SearchOptions
+
+    torch.set_num_threads(1)
+    ws = Workspace(hub_ok=lambda: False)
+    pool = captions(queries)
+    out = {}
+    for name, batch, inflight in (("one at a time", False, 1), (f"{threads} in flight, batched", True, threads)):
+        mset = MatcherSet(ws.active().roles, ws.gallery(), batch_texts=batch)
+        mset.warm()
+
+        def work(i: int) -> None:
+            for j in range(i, queries, inflight):
+                mset.search_text(pool[j], SearchOptions(k=8))
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(inflight)]
+        wall, cpu = time.perf_counter(), time.process_time()
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        out[name] = {"cpu_ms_per_query": round(1000 * cpu / queries, 1), "queries_per_s": round(queries / wall, 1)}
+    return {"what": f"MatcherSet.search_text over every column, {queries} captions, 1 torch thread", **out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running app; default: start python app.py on a free port")
@@ -211,7 +244,14 @@ def main() -> None:
     parser.add_argument("--heavy-images", type=int, default=0, help="then measure searches while a zip of N photos is indexed")
     parser.add_argument("--heavy-clients", type=int, default=4)
     parser.add_argument("--json", default=str(REPO / "assets" / "results" / "load.json"))
+    parser.add_argument("--in-process", type=int, metavar="N",
+                        help="only measure the matcher set in this process (no server): one query at a time "
+                             "against N in flight with text batching; prints, writes nothing")
     args = parser.parse_args()
+    if args.in_process:
+        sys.path.insert(0, str(REPO))
+        print(json.dumps(in_process(args.in_process), indent=2))
+        return
 
     server = None
     url = args.url

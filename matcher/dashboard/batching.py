@@ -1,10 +1,10 @@
 """Concurrent text queries share forward passes: single-text ``encode_texts`` calls that arrive while
 the same encoder is busy are queued and encoded together in the next batch.
 
-Why: on a small CPU a text tower's cost per query falls steeply with the batch (measured on this
-2-core VM, one torch thread: the offline teacher 16.8 ms for one caption, 9.3 ms per caption in
-batches of 8; the student 3.2 ms and 1.1 ms), and under load many visitors' queries wait for the
-same encoder anyway. There is no added wait when the server is idle: a query that finds the encoder
+Why: on a small CPU a text tower's cost per query falls steeply with the batch, and under load many
+visitors' queries wait for the same encoder anyway. The offline preset's three columns cost 25.9 ms
+of CPU per query one at a time and 12.9 ms with 16 in flight (``python bench/load_test.py
+--in-process 16`` on the shared 2-core VM, load average 8.6). There is no added wait when the server is idle: a query that finds the encoder
 free is encoded at once, alone; the ones that arrive meanwhile form the next batch. The ``encode``
 time a column shows is then the wall time of that query's encoding, waiting for the batch included.
 
