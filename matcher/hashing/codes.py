@@ -119,3 +119,68 @@ class ITQHasher(ProjectionHasher):
             u, _, wt = np.linalg.svd(b.T @ v)
             rotation = (u @ wt).T
         super().__init__(means, (pca @ rotation).astype(np.float32))
+
+
+class LayeredHasher:
+    """Any hasher above as plain arrays: per modality ``z = (x - mean) * scale``, then linear layers
+    with ReLU between them; ``sign`` of the last one is the code.
+
+    This is what an index directory stores next to its codes (``hasher_arrays`` /
+    ``hasher_from_arrays``), so a saved index hashes its queries exactly as it hashed its items,
+    whatever later happens to the checkpoint the hasher came from.
+    """
+
+    def __init__(self, method: str, inputs: dict[str, tuple[np.ndarray, float]],
+                 layers: dict[str, list[tuple[np.ndarray, np.ndarray]]]):
+        self.method, self.inputs, self.layers = method, inputs, layers
+        self.bits = int(next(iter(layers.values()))[-1][0].shape[1])
+        self.num_params = int(sum(w.size + b.size for ls in layers.values() for w, b in ls)
+                              + sum(m.size for m, _ in inputs.values()))
+
+    @classmethod
+    def of(cls, hasher) -> "LayeredHasher":
+        """The same function as ``hasher`` (an HEI head, LSH, ITQ or another LayeredHasher)."""
+        if isinstance(hasher, LayeredHasher):
+            return hasher
+        if isinstance(hasher, ProjectionHasher):
+            zero = np.zeros(hasher.bits, np.float32)
+            return cls(hasher.method, {m: (v, 1.0) for m, v in hasher.means.items()},
+                       {m: [(hasher.projection, hasher.bias.get(m, zero))] for m in hasher.means})
+        if hasattr(hasher, "inputs") and hasattr(hasher, "layers"):   # HEIHasher (matcher.hashing.heads)
+            return cls(hasher.method, dict(hasher.inputs), {m: list(ls) for m, ls in hasher.layers.items()})
+        raise TypeError(f"cannot store a hasher of type {type(hasher).__name__}")
+
+    def real(self, vectors: np.ndarray, modality: str) -> np.ndarray:
+        if modality not in self.layers:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(self.layers)}")
+        mean, scale = self.inputs[modality]
+        z = (np.asarray(vectors, np.float32) - mean) * np.float32(scale)
+        for i, (w, b) in enumerate(self.layers[modality]):
+            z = z @ w + b
+            if i < len(self.layers[modality]) - 1:
+                z = np.maximum(z, 0)
+        return z
+
+    def encode(self, vectors: np.ndarray, modality: str) -> np.ndarray:
+        return pack_bits(self.real(vectors, modality))
+
+
+def hasher_arrays(hasher) -> dict[str, np.ndarray]:
+    """A hasher as a flat dict of arrays (``np.savez``-able, no pickle)."""
+    h = LayeredHasher.of(hasher)
+    out = {"method": np.array(h.method)}
+    for m, (mean, scale) in h.inputs.items():
+        out[f"{m}/mean"], out[f"{m}/scale"] = np.asarray(mean, np.float32), np.array(scale, np.float32)
+        for i, (w, b) in enumerate(h.layers[m]):
+            out[f"{m}/w{i}"], out[f"{m}/b{i}"] = np.asarray(w, np.float32), np.asarray(b, np.float32)
+    return out
+
+
+def hasher_from_arrays(arrays) -> LayeredHasher:
+    modalities = sorted({k.split("/")[0] for k in arrays if "/" in k})
+    inputs, layers = {}, {}
+    for m in modalities:
+        inputs[m] = (np.asarray(arrays[f"{m}/mean"]), float(arrays[f"{m}/scale"]))
+        n = sum(1 for k in arrays if k.startswith(f"{m}/w"))
+        layers[m] = [(np.asarray(arrays[f"{m}/w{i}"]), np.asarray(arrays[f"{m}/b{i}"])) for i in range(n)]
+    return LayeredHasher(str(arrays["method"]), inputs, layers)
