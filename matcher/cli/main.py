@@ -9,14 +9,14 @@ import argparse
 import logging
 import sys
 
-from matcher.cli import dashboard, fine, hashing, search, train
+from matcher.cli import dashboard, fine, hashing, index, search, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m matcher", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for commands in (search, dashboard, train, hashing, fine):
+    for commands in (search, dashboard, train, hashing, fine, index):
         commands.add_commands(sub)
     return parser
 
