@@ -114,11 +114,13 @@ def _thumbs_per_row(visible_columns: int) -> int:
 
 
 def _gallery_label(root: str, size: int) -> str:
+    from matcher.data.gallery import gallery_terms
     from matcher.paths import REPO_ROOT
 
     path = Path(root)
     shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
-    return f"Gallery: `{shown}` ({size} images)"
+    terms = gallery_terms(path)
+    return f"Gallery: `{shown}` ({size} images)" + (f"<br>{terms}" if terms else "")
 
 
 def _discard_upload(path: str | None) -> None:
@@ -671,8 +673,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gallery", default=os.environ.get("MATCHER_GALLERY"), help="gallery folder (default: bundled)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--preset-file", default=os.environ.get("MATCHER_PRESET_FILE"),
+                        help="a preset of your own: a JSON object role -> spec (docs/models.md)")
     parser.add_argument("--roles", help="a 'custom' preset: a comma list of the preset's roles and/or ROLE=SPEC "
                         "additions, e.g. teacher,student=open_clip:matcher-tiny-vit")
+    parser.add_argument("--train-gallery", default=os.environ.get("MATCHER_TRAIN_GALLERY"),
+                        help="captioned gallery that hashed:/distilled: heads train on (never the searched one)")
     parser.add_argument("--no-warm", action="store_true", help="do not load the models in the background at start-up")
     parser.add_argument("--public", action="store_true", help="public mode (same as MATCHER_PUBLIC=1)")
     args = parser.parse_args(argv)
@@ -701,18 +707,29 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("MATCHER_THREADS", "1")))
-    presets = None
-    if args.roles:
-        from matcher.presets import DEFAULT_PRESET, PRESETS, parse_roles
+    from matcher.data.training import TRAIN_GALLERY_ENV
+    from matcher.paths import DEFAULT_GALLERY
+    from matcher.presets import DEFAULT_PRESET, PRESETS, load_preset_file, parse_roles
 
+    if args.train_gallery:
+        os.environ[TRAIN_GALLERY_ENV] = str(Path(args.train_gallery).resolve())
+    if settings.public and Path(args.gallery or DEFAULT_GALLERY).resolve() == DEFAULT_GALLERY.resolve():
+        # The bundled Flickr8k photos are for research use and may not be redistributed.
+        parser.error("public mode serves no bundled Flickr8k photo: name the gallery to serve with --gallery "
+                     "or MATCHER_GALLERY (any format python -m matcher reads; docs/models.md, 'Public Space')")
+    presets = dict(PRESETS)
+    try:
+        if args.preset_file:
+            args.preset = Path(args.preset_file).stem
+            presets = {args.preset: load_preset_file(args.preset_file), **PRESETS}
         base = args.preset or DEFAULT_PRESET
-        if base not in PRESETS:
-            parser.error(f"unknown preset {base!r}; choose one of: {', '.join(PRESETS)}")
-        try:
-            presets = {"custom": parse_roles(args.roles, PRESETS[base]), **PRESETS}
-        except ValueError as exc:
-            parser.error(str(exc))
-        args.preset = "custom"
+        if base not in presets:
+            parser.error(f"unknown preset {base!r}; choose one of: {', '.join(presets)}")
+        if args.roles:
+            presets = {"custom": parse_roles(args.roles, presets[base]), **presets}
+            args.preset = "custom"
+    except ValueError as exc:
+        parser.error(str(exc))
     ws = Workspace(presets=presets, default_preset=args.preset, gallery=args.gallery)
     log.info(ws.active().describe())
     log.info("settings: %s", settings.describe())

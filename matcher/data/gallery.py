@@ -116,3 +116,33 @@ def open_gallery(path: str | Path, format: str | None = None, images: str | Path
         hint = "" if manifest.keep_unlisted or images else "; if the images live elsewhere, pass --images DIR"
         raise GalleryError(f"no images found in {path} (looked under {root}{first}){hint}")
     return Gallery(root, names, captions, splits, problems, [], manifest.format)
+
+
+TERMS_FILES = ("TERMS.md", "TERMS.txt", "LICENSE", "LICENSE.md", "LICENSE.txt")
+
+
+def gallery_terms(root: str | Path | None, limit: int = 400) -> str | None:
+    """The terms a gallery folder states, for the page to show beside it: the first paragraph of a
+    ``TERMS``/``LICENSE`` file, else a README paragraph that starts with "**Terms.**"; None if none."""
+    if root is None or not Path(root).is_dir():
+        return None
+    root = Path(root)
+    paragraphs: list[str] = []
+    for name in TERMS_FILES:
+        if (root / name).is_file():
+            paragraphs = [p for p in _paragraphs(root / name) if not p.startswith("#")][:1]
+            break
+    else:
+        if (root / "README.md").is_file():
+            paragraphs = [p for p in _paragraphs(root / "README.md") if p.startswith("**Terms.**")][:1]
+    if not paragraphs:
+        return None
+    text = " ".join(paragraphs[0].split())
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def _paragraphs(path: Path) -> list[str]:
+    try:
+        return [p.strip() for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+    except OSError:
+        return []

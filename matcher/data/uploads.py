@@ -3,7 +3,8 @@
 Zip extraction is defensive, because the zip comes from a stranger:
 - members that would land outside the target (absolute paths, ``..``, drive letters) are refused,
   symlinks and special files are refused, names are never trusted as-is;
-- only image files and ``captions.jsonl`` are extracted; everything else is listed as skipped;
+- only image files and manifests (``captions.jsonl`` or any format ``matcher.data.readers`` reads:
+  .jsonl, .json, .csv, .tsv, WebDataset .tar shards) are extracted; everything else is listed as skipped;
 - limits on the number of files, on each file's size and on the total size are enforced on the
   bytes actually written (a zip's declared sizes can lie), so zip bombs stop early;
 - the result is cached by the zip's content hash: the same zip is extracted (and, through the
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from matcher.data.gallery import CAPTIONS_FILE
+from matcher.data.readers import MANIFEST_SUFFIXES
 from matcher.data.images import IMAGE_EXTENSIONS
 from matcher.paths import REPO_ROOT, cache_dir
 
@@ -183,8 +185,8 @@ def _extract_zip(zip_path: Path, target_root: str | Path | None, max_files: int,
                     continue
                 if rel.parts[0] == "__MACOSX" or any(p.startswith(".") for p in rel.parts):
                     continue  # OS metadata, not content
-                if rel.name != CAPTIONS_FILE and rel.suffix.lower() not in IMAGE_EXTENSIONS:
-                    skipped.append((info.filename, "not an image file"))
+                if not _is_manifest(rel) and rel.suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped.append((info.filename, "not an image or manifest file"))
                     continue
                 if info.file_size > max_file_bytes:
                     skipped.append((info.filename, f"larger than {max_file_bytes // (1024 * 1024)} MB"))
@@ -193,10 +195,10 @@ def _extract_zip(zip_path: Path, target_root: str | Path | None, max_files: int,
             images = sum(1 for _, rel in wanted if rel.suffix.lower() in IMAGE_EXTENSIONS)
             if images > max_files:
                 raise UploadError(f"the zip holds {images} images; the limit is {max_files}.")
-            if not any(rel.suffix.lower() in IMAGE_EXTENSIONS for _, rel in wanted):
-                raise UploadError("the zip contains no image files (.jpg, .png, ...).")
+            if not any(rel.suffix.lower() in IMAGE_EXTENSIONS or rel.suffix.lower() == ".tar" for _, rel in wanted):
+                raise UploadError("the zip contains no image files (.jpg, .png, ...) or WebDataset shards (.tar).")
             strip = _common_top_folder([rel for _, rel in wanted])
-            if strip and not any(rel.name == CAPTIONS_FILE and len(rel.parts) == 1 for _, rel in wanted):
+            if strip and not any(_is_manifest(rel) and len(rel.parts) == 1 for _, rel in wanted):
                 wanted = [(i, PurePosixPath(*rel.parts[1:])) for i, rel in wanted]
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -240,6 +242,10 @@ def _extract_zip(zip_path: Path, target_root: str | Path | None, max_files: int,
         raise
     files = sum(1 for p in target.rglob("*") if p.is_file() and p.name != _DONE)
     return Extracted(target, files, skipped)
+
+
+def _is_manifest(rel: PurePosixPath) -> bool:
+    return rel.name == CAPTIONS_FILE or rel.suffix.lower() in MANIFEST_SUFFIXES
 
 
 def folder_roots() -> list[Path]:

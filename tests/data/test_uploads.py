@@ -43,7 +43,7 @@ def test_extracts_images_and_captions_strips_top_folder_and_lists_skips(tmp_path
     })
     out = extract_zip(archive, tmp_path / "uploads")
     reasons = dict(out.skipped)
-    assert reasons["trip/notes.txt"] == "not an image file"
+    assert reasons["trip/notes.txt"] == "not an image or manifest file"
     assert "unsafe path" in reasons["trip/../../evil.png"] and "links" in reasons["trip/link.jpg"]
     assert not (tmp_path / "evil.png").exists() and not list(tmp_path.rglob("evil.png"))
     gallery = open_gallery(out.root)
@@ -135,3 +135,16 @@ def test_partial_extractions_of_dead_processes_are_removed(tmp_path):
         folder.mkdir()
     assert remove_partial_extractions(tmp_path) == [crashed]
     assert live.exists() and done.exists()
+
+
+def test_a_zip_in_another_manifest_format_becomes_a_captioned_gallery(tmp_path):
+    """A zip holding a CSV of image/caption pairs (one of the formats matcher.data.readers reads),
+    inside one top folder: the manifest is extracted with the images and the captions are used."""
+    csv = "image,caption\nred.png,a red square\nred.png,a plain red tile\nblue.png,a blue square\n"
+    z = make_zip(tmp_path / "pairs.zip", {"mine/red.png": png_bytes((200, 0, 0)), "mine/blue.png": png_bytes((0, 0, 200)),
+                                          "mine/pairs.csv": csv, "mine/notes.txt": b"x"})
+    extracted = extract_zip(z, tmp_path / "out")
+    gallery = open_gallery(extracted.root)
+    assert sorted(gallery.names) == ["blue.png", "red.png"]
+    assert gallery.captions["red.png"] == ["a red square", "a plain red tile"]
+    assert ("mine/notes.txt", "not an image or manifest file") in extracted.skipped
