@@ -74,11 +74,26 @@ def format_comparison(records: list[dict]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from matcher.hashing.bench import BenchConfig, run_benchmark
+    from matcher.hashing.bench import DEFAULT_METHODS, BenchConfig, run_benchmark
 
+    methods = [m.strip() for m in args.methods.split(";")] if args.methods else list(DEFAULT_METHODS)
+    galleries = [g.strip() for g in args.galleries.split(",") if g.strip()]
+    unknown = set(galleries) - {"gaussian", "views"}
+    if unknown:
+        fail(f"unknown --galleries {sorted(unknown)}; choose from gaussian, views")
+    if args.engine == "ray":
+        from matcher.scale.engine import ray_available
+
+        if not ray_available():
+            fail("--engine ray needs Ray: pip install -r requirements-scale.txt")
+        if not args.methods:
+            methods = ["float-flat"]   # the sharded default method is added by the benchmark
     config = BenchConfig(sizes=_int_list(args.sizes), model=args.model or default_base(), data=args.data, bits=args.bits,
-                         candidates=_int_list(args.candidates), queries=args.queries, batch=args.batch,
-                         hnsw_m=args.hnsw_m, hnsw_max=args.hnsw_max, seed=args.seed, heads=args.heads)
+                         methods=methods, candidates=_int_list(args.candidates), queries=args.queries, rounds=args.rounds,
+                         batch=args.batch, recall_queries=args.recall_queries, galleries=galleries, views=args.views,
+                         hnsw_m=args.hnsw_m, hnsw_max=args.hnsw_max, seed=args.seed, heads=args.heads,
+                         engine=args.engine, workers=_int_list(args.workers), store=not args.no_store,
+                         work_dir=args.work_dir or "")
     run_benchmark(config, args.json)
 
 
@@ -95,17 +110,30 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_train_hash)
 
-    p = sub.add_parser("bench", help="scale benchmark: float flat/HNSW vs binary flat vs binary+re-rank")
+    p = sub.add_parser("bench", help="scale benchmark: exact float search vs two-stage code indexes (HEI, ITQ, LSH, "
+                                      "faiss PQ / RaBitQ) at 1k..1M items; --engine ray shards the default")
     p.add_argument("--sizes", default="1000,10000,100000,1000000")
     p.add_argument("--model", help="float encoder whose embeddings are indexed (default as train-hash)")
     p.add_argument("--data", default=default_data)
-    p.add_argument("--bits", type=int, default=64)
-    p.add_argument("--candidates", default="100,1000", help="shortlist sizes C for binary+rerank")
-    p.add_argument("--queries", type=int, default=200, help="single queries timed per size")
+    p.add_argument("--bits", type=int, default=256, help="code length of the hash-code methods (256 = 32 B/item)")
+    p.add_argument("--methods", help="';'-separated method names (default: all; see matcher/hashing/bench.py), "
+                                     "e.g. 'float-flat;hei-asym;PQ64x4fs'")
+    p.add_argument("--candidates", default="100,300,500,1000,3000", help="shortlist sizes C for the re-ranked methods")
+    p.add_argument("--galleries", default="gaussian,views", help="distractor kinds: gaussian and/or views")
+    p.add_argument("--views", type=int, default=4, help="augmented views encoded per real photo (views gallery)")
+    p.add_argument("--queries", type=int, default=200, help="single queries timed per size, method and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--batch", type=int, default=256, help="batch size for the throughput measure")
+    p.add_argument("--recall-queries", dest="recall_queries", type=int, default=1000, help="queries whose recall is measured")
     p.add_argument("--heads", default="assets/models/offline-hashed.pt", help="hash-head checkpoint of --model")
     p.add_argument("--hnsw-m", dest="hnsw_m", type=int, default=32)
-    p.add_argument("--hnsw-max", dest="hnsw_max", type=int, default=1_000_000, help="skip float HNSW above this N")
+    p.add_argument("--hnsw-max", dest="hnsw_max", type=int, default=100_000, help="skip float HNSW above this N")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="ray: also shard the default method over Ray workers (loopback; needs requirements-scale.txt)")
+    p.add_argument("--workers", default="2", help="with --engine ray: worker counts to run, e.g. 1,2")
+    p.add_argument("--no-store", dest="no_store", action="store_true", help="skip building/reopening the index directory")
+    p.add_argument("--work-dir", dest="work_dir", help="where the float16 re-rank files and index directories go "
+                                                       "(default: a temporary folder; about 0.8 KB per item)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="assets/results/bench.json", help="also writes .csv and .html next to it")
+    p.add_argument("--json", default="assets/results/bench.json", help="also writes .csv, .html and .fig.json next to it")
     p.set_defaults(func=cmd_bench)

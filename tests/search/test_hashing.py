@@ -238,26 +238,6 @@ def test_hashed_matcher_full_shortlist_equals_float_top_k_with_stage_timings():
         matcher.more_like("missing.jpg")
 
 
-# --- scale benchmark (tiny sizes; timings are recorded, never asserted) ------------------------
-
-def test_bench_size_records_and_full_shortlist_recall():
-    from matcher.hashing.bench import BenchConfig, bench_size, distractors, figure, speedups
-
-    emb = synthetic(100)
-    items = np.concatenate([emb.images, distractors(emb.images, 150, seed=0)])
-    assert items.shape == (250, 32) and np.allclose(np.linalg.norm(items, axis=1), 1, atol=1e-5)
-    hasher = LSHHasher(emb.images, emb.captions, 32)
-    cfg = BenchConfig(queries=5, batch=16, candidates=[20, 250], hnsw_m=8)
-    records = bench_size(items, hasher.encode(items, "image"), hasher, emb.captions, cfg, n_real=100)
-    by = {r["method"]: r for r in records}
-    assert set(by) == {"float-flat", "float-hnsw", "binary-flat", "binary+rerank C=20", "binary+rerank C=250"}
-    assert by["binary+rerank C=250"]["recall_at_k"] == 1.0        # C = N: exactly the float top-k
-    assert by["binary-flat"]["bytes_per_item"] == pytest.approx(4, abs=0.5)
-    assert by["float-flat"]["bytes_per_item"] == pytest.approx(128, abs=1)
-    assert all(r["distractors"] == 150 for r in records)
-    assert len(speedups(records)) == 2 and len(figure(records).data) == len(records)
-
-
 def _other_tiny_checkpoint(tmp_path):
     from matcher.models.openclip import OpenClipEncoder, save_open_clip_checkpoint
 
