@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -79,14 +80,23 @@ class MatcherSet:
         self._matchers: dict[str, Matcher] = {}
         self._errors: dict[str, str] = {}
         self._locks = {r: threading.Lock() for r in self.roles}
+        self._opening_since: dict[str, float] = {}
         self._truth: dict[str, set[str]] | None = None
 
-    def matcher(self, role: str) -> Matcher:
+    def matcher(self, role: str, wait: bool = True) -> Matcher:
+        """The role's matcher, opened on first use. ``wait=False`` (what queries use): while another
+        thread is opening it (the start-up warm-up encoding a gallery can take minutes, an hour for a
+        large hub model on a CPU Space) raise ``RoleUnavailable`` at once instead of freezing the page."""
         if role not in self.roles:
             raise RoleUnavailable(f"no {role} matcher in this preset")
         if role in self._matchers:
             return self._matchers[role]
-        with self._locks[role]:
+        if not self._locks[role].acquire(blocking=wait):
+            waited = time.monotonic() - self._opening_since.get(role, time.monotonic())
+            raise RoleUnavailable(f"the {role} matcher is still loading (its model and the gallery's embeddings, "
+                                  f"{waited:.0f} s so far); it answers as soon as it is ready")
+        try:
+            self._opening_since.setdefault(role, time.monotonic())
             if role not in self._matchers and role not in self._errors:
                 try:
                     matcher = self._opener(self.roles[role], self.gallery)
@@ -98,6 +108,8 @@ class MatcherSet:
             if role in self._errors:
                 raise RoleUnavailable(f"the {role} matcher could not be loaded ({self._errors[role]})")
             return self._matchers[role]
+        finally:
+            self._locks[role].release()
 
     def warm(self) -> dict[str, str | None]:
         """Open every matcher now (model + gallery embeddings) and answer one throw-away query with
@@ -147,7 +159,7 @@ class MatcherSet:
         for role, spec in self.roles.items():
             column = Column(role, spec)
             try:
-                result = call(self.matcher(role))
+                result = call(self.matcher(role, wait=False))
             except QueryError as exc:
                 column.error = str(exc)
                 refused.append(exc)

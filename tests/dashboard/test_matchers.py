@@ -201,3 +201,28 @@ class HashedFake(FakeMatcher):
         if options.bits not in self.hashers:
             raise QueryError(f"no {options.bits}-bit codes for this matcher; choose one of {sorted(self.hashers)}")
         return super()._result(options)
+
+
+def test_a_matcher_still_loading_answers_at_once_instead_of_freezing_the_page(small_gallery):
+    """While the warm-up opens a slow role (a hub model encoding the gallery), queries get a
+    'still loading' note in that column at once and the ready columns answer."""
+    import threading
+
+    release, opening = threading.Event(), threading.Event()
+
+    def slow_opener(spec, gallery):
+        if spec == "slow":
+            opening.set()
+            release.wait(30)
+        return FakeMatcher(spec, gallery)
+
+    mset = MatcherSet({"teacher": "slow", "student": "fast"}, open_gallery(small_gallery), opener=slow_opener)
+    warm = threading.Thread(target=mset.warm)
+    warm.start()
+    assert opening.wait(10)
+    columns = {c.role: c for c in mset.search_text("a dog", SearchOptions(k=3))}
+    assert "still loading" in columns["teacher"].error and not columns["teacher"].hits
+    assert columns["student"].error is None and len(columns["student"].hits) == 3
+    release.set()
+    warm.join(30)
+    assert all(c.error is None for c in mset.search_text("a dog", SearchOptions(k=3)))
