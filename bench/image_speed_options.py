@@ -85,7 +85,7 @@ def main() -> None:
                            "note": "time_interleaved (encode_images incl. preprocessing), teacher and student "
                                    f"interleaved, {args.images} bundled test photos, median of {args.rounds} rounds; "
                                    "ratio = student images/s / teacher images/s",
-                           "rows": rows})
+                           "records": rows})
     print(f"wrote {args.json}")
 
 

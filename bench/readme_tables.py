@@ -57,7 +57,7 @@ def ablation_table(data: dict) -> str:
     teacher = data.get("teacher", {}).get("rsum")
     rows = ["| loss | +contrastive | +embed | best epoch | val rsum | **test rsum** | t2i R@1 | i2t R@1 | test rsum / teacher |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in data["rows"]:
+    for r in data["records"]:
         share = f"{100 * r['test_rsum'] / teacher:.1f} %" if teacher else "—"
         rows.append(f"| `{r['loss']}` | {r['contrastive_weight']:g} | {r['embed_weight']:g} | {r['best_epoch']} | "
                     f"{r['val_rsum']:.1f} | **{r['test_rsum']:.1f}** | {r['t2i_R@1']:.1f} | {r['i2t_R@1']:.1f} | {share} |")

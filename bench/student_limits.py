@@ -145,7 +145,7 @@ def main() -> None:
         row.update(command=command, threads=torch.get_num_threads())
     if args.merge and Path(args.json).exists():  # keep the other configurations' rows from earlier runs
         measured = {row["image_tower"] for row in rows}
-        rows = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["image_tower"] not in measured] + rows
+        rows = [r for r in json.loads(Path(args.json).read_text())["records"] if r["image_tower"] not in measured] + rows
         rows.sort(key=lambda r: (int(r["image_tower"].split("@", 1)[1].split()[0]), len(r["image_tower"]), r["image_tower"]))
     write_json(args.json, {
         "command": command,
@@ -155,7 +155,7 @@ def main() -> None:
                 "(rows merged from earlier runs keep that run's timing)",
         "teacher": {"image_tower": "efficientnet-lite2@224 (fine-tuned)", "val_rsum": round(teacher_val["rsum"], 1),
                     "images_per_s": round(teacher_rate, 1)},
-        "rows": rows})
+        "records": rows})
     print(f"wrote {args.json}")
 
 

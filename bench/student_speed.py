@@ -55,7 +55,7 @@ def main() -> None:
                            "machine": {**machine_description(), "threads": args.threads},
                            "note": "matcher.eval.costs.time_interleaved: encode_images (preprocessing included), batch 8, channels-last, BN folded; "
                                    f"{len(images)} bundled test photos; median of {args.rounds} interleaved rounds",
-                           "rows": rows})
+                           "records": rows})
     print(f"wrote {args.json}")
 
 

@@ -84,16 +84,11 @@ def _read_json(path: Path) -> tuple[object | None, str | None]:
 
 
 def _records(data) -> list[dict]:
-    """A list of flat-able records from the shapes the benchmark files use."""
-    if isinstance(data, list):
-        return [r for r in data if isinstance(r, dict)]
-    if isinstance(data, dict):
-        for key in ("records", "results", "rows", "runs"):
-            if isinstance(data.get(key), list):
-                return [r for r in data[key] if isinstance(r, dict)]
-        if data and all(isinstance(v, dict) for v in data.values()):
-            return [{"name": k, **v} for k, v in data.items()]
-    return []
+    """The records of a results file. One schema for every table the commands write: a JSON object
+    whose header fields describe the run and whose ``records`` list holds one row per measurement
+    (the evaluation report keeps its ``matchers`` mapping; ``eval_table`` reads it)."""
+    records = data.get("records") if isinstance(data, dict) else None
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
 
 
 def _label(row: pd.Series, fallbacks=("name", "label", "loss", "method", "matcher", "role")) -> str:

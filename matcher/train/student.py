@@ -302,7 +302,7 @@ def write_ablation(path_json: str | Path, rows: list[dict], header: dict) -> Non
 
     from matcher.atomic import write_json
 
-    write_json(path_json, {**header, "rows": rows})
+    write_json(path_json, {**header, "records": rows})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=ABLATION_COLUMNS)
     writer.writeheader()
@@ -335,7 +335,7 @@ def _finished_variants(results: Path, base: StudentRecipe, out_dir: Path) -> dic
     if {**asdict(StudentRecipe()), **earlier.get("recipe", {})} != asdict(base):
         return {}
     done = {}
-    for row in earlier.get("rows", []):
+    for row in earlier.get("records", earlier.get("rows", [])):  # "rows": files written before one schema
         if _variant_checkpoint(out_dir, row["loss"]).exists():
             trained = {"best_epoch": row["best_epoch"], "val": {"rsum": row["val_rsum"]},
                        "history": [{"seconds": row["train_seconds"]}]}

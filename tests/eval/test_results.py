@@ -17,8 +17,8 @@ def entry(rsum, ms, r1=20.0, **extra):
 def results_dir(tmp_path):
     (tmp_path / "eval-test.json").write_text(json.dumps({"gallery": "g", "split": "test", "machine": {"cpu": "x"},
         "matchers": {"teacher": entry(350, 9.0, 30.0), "student": entry(300, 3.0), "hashed-64": entry(280, 3.1, bits=64)}}))
-    (tmp_path / "ablation.json").write_text(json.dumps([
-        {"loss": "contrastive", "rsum": 290, "text_query_ms": 3.0}, {"loss": "contrastive+kd", "rsum": 305, "text_query_ms": 3.0}]))
+    (tmp_path / "ablation.json").write_text(json.dumps({"command": "c", "records": [
+        {"loss": "contrastive", "rsum": 290, "text_query_ms": 3.0}, {"loss": "contrastive+kd", "rsum": 305, "text_query_ms": 3.0}]}))
     (tmp_path / "hashing.json").write_text("{not json")
     return tmp_path
 
@@ -26,6 +26,9 @@ def results_dir(tmp_path):
 def test_missing_and_broken_files_become_notes(results_dir, tmp_path_factory):
     res = load_results(results_dir)
     assert set(res.tables) == {"eval", "ablation"}
+    # one schema: a file without a "records" list (here a bare list) is "no records", not guessed at
+    (results_dir / "finegrained.json").write_text(json.dumps([{"name": "x", "rsum": 1.0}]))
+    assert "finegrained.json: no records yet" in load_results(results_dir).notes
     assert "hashing.json: unreadable" in " ".join(res.notes)
     assert "bench.json: not measured yet" in res.notes
     empty = load_results(tmp_path_factory.mktemp("nothing"))
@@ -78,7 +81,7 @@ def test_published_points_are_labelled_and_drawn_apart(results_dir):
 
 def test_shipped_file_shapes_are_plotted(tmp_path):
     """The ablation reports test_rsum; the scale benchmark p50_ms against recall_at_k per N."""
-    (tmp_path / "ablation.json").write_text(json.dumps({"rows": [
+    (tmp_path / "ablation.json").write_text(json.dumps({"records": [
         {"loss": "listnet", "test_rsum": 205.0, "val_rsum": 212.0, "text_query_ms": 1.1}]}))
     (tmp_path / "bench.json").write_text(json.dumps({"records": [
         {"N": 1000, "method": "float-flat", "p50_ms": 0.01, "recall_at_k": 1.0},
