@@ -25,14 +25,17 @@ def fail(message: object) -> NoReturn:
     raise SystemExit(f"error: {message}")
 
 
-def add_gallery(p: argparse.ArgumentParser, split: str | None = None) -> None:
+def add_gallery(p: argparse.ArgumentParser, split: str | None = None, readers: bool = True) -> None:
+    """``--gallery`` and ``--split``; with ``readers``, ``--format`` / ``--images`` for manifests in
+    other formats (commands that read the gallery by path only, like ``ablate-student``, go without)."""
     from matcher.data.readers import FORMATS
 
     p.add_argument("--gallery", default=str(DEFAULT_GALLERY),
                    help="folder of images (+ captions.jsonl), or a Karpathy/COCO JSON, CSV/TSV, imagefolder "
                         "metadata or WebDataset shards (file, folder or pattern such as 'shards/{000..009}.tar')")
-    p.add_argument("--format", choices=list(FORMATS), help="the gallery's format (default: detected from the path)")
-    p.add_argument("--images", help="folder the manifest's image paths are relative to (default: the manifest's)")
+    if readers:
+        p.add_argument("--format", choices=list(FORMATS), help="the gallery's format (default: detected from the path)")
+        p.add_argument("--images", help="folder the manifest's image paths are relative to (default: the manifest's)")
     p.add_argument("--split", default=split,
                    help="only images of this split (a gallery without split field is one split)")
 
@@ -64,7 +67,7 @@ def open_gallery_arg(args: argparse.Namespace):
     from matcher.data.gallery import GalleryError, open_gallery
 
     try:
-        gallery = open_gallery(args.gallery, args.format, args.images).select(args.split)
+        gallery = open_gallery(args.gallery, getattr(args, "format", None), getattr(args, "images", None)).select(args.split)
     except GalleryError as exc:
         fail(exc)
     for where, reason in gallery.problems:

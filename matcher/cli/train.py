@@ -102,7 +102,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("ablate-student", help="train one student per distillation loss (same budget and seed) "
                                               "and tabulate test recall, costs and ratios to the teacher")
     _student_args(p)
-    add_gallery(p, split="test")
+    add_gallery(p, split="test", readers=False)
     p.add_argument("--losses", default="contrastive,mse,listnet,affinity,wsd",
                    help="comma-separated; NAME+embed adds embedding distillation, NAME:W sets the contrastive weight")
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "matcher" / "ablation"),

@@ -71,6 +71,8 @@ class RoleUnavailable(RuntimeError):
 class MatcherSet:
     """The matchers of one preset over one gallery, opened lazily and shared between threads."""
 
+    LOADING_GRACE_S = 15.0   # how long a query waits for a matcher another thread is opening
+
     def __init__(self, roles: dict[str, str], gallery: Gallery, opener: Callable[[str, Gallery], Matcher] | None = None,
                  batch_texts: bool = True):
         self.roles = {r: roles[r] for r in ordered_roles(roles)}
@@ -86,12 +88,14 @@ class MatcherSet:
     def matcher(self, role: str, wait: bool = True) -> Matcher:
         """The role's matcher, opened on first use. ``wait=False`` (what queries use): while another
         thread is opening it (the start-up warm-up encoding a gallery can take minutes, an hour for a
-        large hub model on a CPU Space) raise ``RoleUnavailable`` at once instead of freezing the page."""
+        large hub model on a CPU Space), wait at most ``LOADING_GRACE_S`` and then raise
+        ``RoleUnavailable`` ("still loading") instead of freezing the page; a short opening is simply
+        waited for."""
         if role not in self.roles:
             raise RoleUnavailable(f"no {role} matcher in this preset")
         if role in self._matchers:
             return self._matchers[role]
-        if not self._locks[role].acquire(blocking=wait):
+        if not self._locks[role].acquire(timeout=-1 if wait else self.LOADING_GRACE_S):
             waited = time.monotonic() - self._opening_since.get(role, time.monotonic())
             raise RoleUnavailable(f"the {role} matcher is still loading (its model and the gallery's embeddings, "
                                   f"{waited:.0f} s so far); it answers as soon as it is ready")

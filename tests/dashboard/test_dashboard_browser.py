@@ -1,12 +1,14 @@
 """The page in headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
 
-One server for the module: the app built with the tiny random-init open_clip model in all three
-roles, a 12-photo gallery copied from the bundled one and small fixture results, launched
-in-process on a free localhost port. Screenshots of every tab go to ``screenshots/`` (git-ignored).
+One server for the module: the app built with tiny random-init open_clip models as a user's own
+preset (teacher, a second tiny model as student, and ``hashed:`` on that student, whose HEI heads
+train on a separate 30-photo gallery), a 12-photo gallery copied from the bundled one and small
+fixture results, launched in-process on a free localhost port. Screenshots of every tab go to ``screenshots/`` (git-ignored).
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import zipfile
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, make_gallery
+from matcher.data.training import TRAIN_GALLERY_ENV
+from tests.helpers import BUNDLED, REPO, bundled_rows, make_gallery
 from tests.helpers import FIXTURE_EVAL
 
 pytestmark = pytest.mark.browser
@@ -49,7 +52,15 @@ def server(tmp_path_factory):
     other = base / "tiny-seed1.pt"  # a second, different tiny model: the matchers disagree, so there are cases
     save_open_clip_checkpoint(OpenClipEncoder("matcher-tiny-vit", seed=1), other)
     student = f"open_clip:matcher-tiny-vit@{other}"
-    ws = Workspace(presets={"tiny": {"teacher": TINY, "student": student, "hashed": TINY}}, gallery=gallery,
+    train = base / "train-gallery"   # bundled photos 100-129: none of the searched gallery's
+    train.mkdir()
+    rows = bundled_rows(130)[100:]
+    for row in rows:
+        shutil.copy(BUNDLED / "images" / row["image"], train / row["image"])
+    (train / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    previous = os.environ.get(TRAIN_GALLERY_ENV)
+    os.environ[TRAIN_GALLERY_ENV] = str(train)
+    ws = Workspace(presets={"tiny": {"teacher": TINY, "student": student, "hashed": f"hashed:{student}"}}, gallery=gallery,
                    results_dir=results, live_results_dir=base / "live", hub_ok=lambda: False)
     ws.warm()
     demo = app.build_app(ws)
@@ -58,6 +69,10 @@ def server(tmp_path_factory):
                             **app.launch_kwargs(ws))
     yield {"url": url, "gallery": gallery, "base": base}
     demo.close()
+    if previous is None:
+        os.environ.pop(TRAIN_GALLERY_ENV, None)
+    else:
+        os.environ[TRAIN_GALLERY_ENV] = previous
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +121,9 @@ def test_text_query_fills_three_columns(page, server):
     page.fill("#query textarea", caption)
     page.click("#search-btn")
     wait_for_results(page)
-    for i in range(3):
+    for i, stage in enumerate(["search", "search", "rerank"]):   # the hashed column: candidates + re-rank
         header = page.inner_text(f"#col-{i}-header")
-        assert "encode" in header and "search" in header and "ms" in header
+        assert "encode" in header and stage in header and "ms" in header
         assert "ground-truth image" in header  # the query is a gallery caption
     assert "a caption of this gallery" in page.inner_text("#search-status")
     shot(page, "search")

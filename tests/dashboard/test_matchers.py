@@ -217,6 +217,7 @@ def test_a_matcher_still_loading_answers_at_once_instead_of_freezing_the_page(sm
         return FakeMatcher(spec, gallery)
 
     mset = MatcherSet({"teacher": "slow", "student": "fast"}, open_gallery(small_gallery), opener=slow_opener)
+    mset.LOADING_GRACE_S = 0.2   # a query waits this long for an opening, then says "still loading"
     warm = threading.Thread(target=mset.warm)
     warm.start()
     assert opening.wait(10)
