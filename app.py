@@ -713,7 +713,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.train_gallery:
         os.environ[TRAIN_GALLERY_ENV] = str(Path(args.train_gallery).resolve())
-    if settings.public and Path(args.gallery or DEFAULT_GALLERY).resolve() == DEFAULT_GALLERY.resolve():
+    bundled = Path(args.gallery or DEFAULT_GALLERY).resolve() == DEFAULT_GALLERY.resolve()
+    if settings.public and bundled and os.environ.get("MATCHER_SERVE_BUNDLED") != "1":
+        # MATCHER_SERVE_BUNDLED=1 is for benchmarks of public mode on loopback (bench/load_test.py), never a deployment.
         # The bundled Flickr8k photos are for research use and may not be redistributed.
         parser.error("public mode serves no bundled Flickr8k photo: name the gallery to serve with --gallery "
                      "or MATCHER_GALLERY (any format python -m matcher reads; docs/models.md, 'Public Space')")

@@ -256,7 +256,8 @@ def main() -> None:
     server = None
     url = args.url
     if url is None:
-        env = {"HF_HUB_OFFLINE": "1", **({"MATCHER_PUBLIC": "1"} if args.public else {})}
+        # Public-mode settings on loopback, against the bundled gallery (which a real public page never serves).
+        env = {"HF_HUB_OFFLINE": "1", **({"MATCHER_PUBLIC": "1", "MATCHER_SERVE_BUNDLED": "1"} if args.public else {})}
         server = AppServer(*(["--roles", args.roles] if args.roles else []), env=env)
         server.wait_serving()
         server.wait_warm()

@@ -16,6 +16,10 @@ variable                       default (private / public)  what
 ``MATCHER_ALLOW_RERUN``        on / off                    re-run the evaluation (minutes of CPU)
 ``MATCHER_ALLOW_UPLOADS``      on / on                     index an uploaded zip
 ``MATCHER_ALLOW_ANALYSIS``     on / on                     error analysis (computed once per setting)
+``MATCHER_GALLERY``            bundled / (required)        the gallery served; public mode refuses
+                                                           the bundled Flickr8k photos (research use)
+``MATCHER_SERVE_BUNDLED``      ``0``                       ``1``: serve them anyway, for benchmarks of
+                                                           public mode on loopback only
 =============================  ==========================  =======================================
 
 Heavy work that is on runs one task at a time, in its own queue, on a low-priority thread
