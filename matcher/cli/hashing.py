@@ -74,7 +74,7 @@ def format_comparison(records: list[dict]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from matcher.hashing.bench import DEFAULT_METHODS, BenchConfig, run_benchmark
+    from matcher.hashing.bench import DEFAULT_METHOD, DEFAULT_METHODS, BenchConfig, run_benchmark
 
     methods = [m.strip() for m in args.methods.split(";")] if args.methods else list(DEFAULT_METHODS)
     galleries = [g.strip() for g in args.galleries.split(",") if g.strip()]
@@ -87,13 +87,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not ray_available():
             fail("--engine ray needs Ray: pip install -r requirements-scale.txt")
         if not args.methods:
-            methods = ["float-flat"]   # the sharded default method is added by the benchmark
+            methods = ["float-flat"]   # the default method (sharded) is added by the benchmark
     config = BenchConfig(sizes=_int_list(args.sizes), model=args.model or default_base(), data=args.data, bits=args.bits,
                          methods=methods, candidates=_int_list(args.candidates), queries=args.queries, rounds=args.rounds,
                          batch=args.batch, recall_queries=args.recall_queries, galleries=galleries, views=args.views,
                          hnsw_m=args.hnsw_m, hnsw_max=args.hnsw_max, seed=args.seed, heads=args.heads,
                          engine=args.engine, workers=_int_list(args.workers), store=not args.no_store,
-                         work_dir=args.work_dir or "")
+                         default_method=args.default_method or DEFAULT_METHOD, work_dir=args.work_dir or "")
     run_benchmark(config, args.json)
 
 
@@ -118,7 +118,7 @@ def add_commands(sub) -> None:
     p.add_argument("--bits", type=int, default=256, help="code length of the hash-code methods (256 = 32 B/item)")
     p.add_argument("--methods", help="';'-separated method names (default: all; see matcher/hashing/bench.py), "
                                      "e.g. 'float-flat;hei-asym;PQ64x4fs'")
-    p.add_argument("--candidates", default="100,300,500,1000,3000", help="shortlist sizes C for the re-ranked methods")
+    p.add_argument("--candidates", default="100,300,500,750,1000,3000", help="shortlist sizes C for the re-ranked methods")
     p.add_argument("--galleries", default="gaussian,views", help="distractor kinds: gaussian and/or views")
     p.add_argument("--views", type=int, default=4, help="augmented views encoded per real photo (views gallery)")
     p.add_argument("--queries", type=int, default=200, help="single queries timed per size, method and round")
@@ -132,6 +132,8 @@ def add_commands(sub) -> None:
                    help="ray: also shard the default method over Ray workers (loopback; needs requirements-scale.txt)")
     p.add_argument("--workers", default="2", help="with --engine ray: worker counts to run, e.g. 1,2")
     p.add_argument("--no-store", dest="no_store", action="store_true", help="skip building/reopening the index directory")
+    p.add_argument("--default-method", dest="default_method", help="method of the index directory and the Ray engine "
+                                                                  "(default: the measured best, matcher/hashing/bench.py)")
     p.add_argument("--work-dir", dest="work_dir", help="where the float16 re-rank files and index directories go "
                                                        "(default: a temporary folder; about 0.8 KB per item)")
     p.add_argument("--seed", type=int, default=0)

@@ -15,10 +15,12 @@ from matcher.cli.common import add_gallery, fail
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STAGE = "asym"      # measured: docs/scale.md (python -m matcher bench)
-DEFAULT_BITS = 256          # 32 bytes per item
-STAGES_HELP = ("asym (hash codes, asymmetric score; default), hamming (hash codes, Hamming distance), "
-               "or a faiss factory string over the float vectors, e.g. PQ64x4fs, PQ32x4fs, RaBitQfs")
+DEFAULT_STAGE = "asym-ivf"  # measured: docs/scale.md (python -m matcher bench)
+DEFAULT_BITS = 192          # 24 B of code + 8 B of list id = 32 bytes per item
+IVF_PROBE = 0.2             # share of the inverted lists a query scans
+STAGES_HELP = ("asym-ivf (hash codes in inverted lists, asymmetric score; default), asym (hash codes, flat scan), "
+               "hamming (hash codes, Hamming distance), or a faiss factory string over the float vectors, e.g. "
+               "PQ64x4fs, 'SVD192,IVF{n},PQ48x4fs' ({n}: lists for the gallery size)")
 
 
 def open_model(text: str, gallery=None):
@@ -34,20 +36,28 @@ def open_model(text: str, gallery=None):
         fail(exc)
 
 
-def make_build_stage(name: str, bits: int, hashers: dict, dim: int):
-    from matcher.search.index import HammingStage, QuantizerStage, SignStage
+def make_build_stage(name: str, bits: int, hashers: dict, dim: int, n: int):
+    """The candidate stage ``--stage`` names for a gallery of about n items."""
+    from matcher.hashing.codes import LayeredHasher
+    from matcher.search.index import HammingStage, QuantizedIndex, QuantizerStage, SignStage, factory_for, ivf_lists
 
-    if name in ("asym", "hamming"):
+    if name in ("asym", "asym-ivf", "hamming"):
         if not hashers:
             fail(f"--stage {name} needs hash codes: give a hashed model (e.g. --model offline-hashed), "
                  "or a faiss quantiser such as --stage PQ64x4fs")
-        if bits not in hashers:
-            fail(f"no {bits}-bit hash head; this model has {sorted(hashers)}")
-        return (SignStage if name == "asym" else HammingStage)(hashers[bits])
+        longer = [b for b in sorted(hashers) if b >= bits]
+        if not longer or bits % 8:
+            fail(f"no {bits}-bit hash code: this model's heads have {sorted(hashers)} bits (a multiple of 8 up to those)")
+        hasher = hashers[bits] if bits in hashers else LayeredHasher.of(hashers[longer[0]]).first(bits)
+        if name == "hamming":
+            return HammingStage(hasher)
+        return SignStage(hasher, nlist=ivf_lists(n) if name == "asym-ivf" else 0, probe=IVF_PROBE)
+    factory = factory_for(name, n)
     try:
-        return QuantizerStage(name, dim)
+        return QuantizerStage(factory, dim, QuantizedIndex(factory, dim, probe=IVF_PROBE))
     except RuntimeError as exc:
-        fail(f"--stage {name!r} is neither asym, hamming nor a faiss factory string ({str(exc).splitlines()[-1]})")
+        fail(f"--stage {name!r} is neither asym-ivf, asym, hamming nor a faiss factory string "
+             f"({str(exc).splitlines()[-1]})")
 
 
 def gallery_batches(encoder, gallery, batch: int, skipped: list):
@@ -80,15 +90,19 @@ def vector_batches(vectors_path: str, names_path: str | None, batch: int):
 
 
 def cmd_build(args: argparse.Namespace) -> None:
+    import numpy as np
     from tqdm import tqdm
 
     from matcher.cli.common import open_gallery_arg
     from matcher.search.store import StoreError, build_index
 
+    if Path(args.out).exists() and not args.overwrite:
+        fail(f"{args.out} already exists (pass --overwrite to replace it)")
     gallery = None if args.vectors else open_gallery_arg(args)
     encoder, hashers, base = open_model(args.model, gallery)
     dim = encoder.dim
-    stage = make_build_stage(args.stage, args.bits, hashers, dim)
+    n = len(gallery) if gallery is not None else len(np.load(args.vectors, mmap_mode="r"))
+    stage = make_build_stage(args.stage, args.bits, hashers, dim, n)
     skipped: list = []
     meta = {"encoder": {"spec": base, "name": encoder.name, "fingerprint": encoder.fingerprint()},
             "model": args.model, "item_modality": "image"}
@@ -174,7 +188,8 @@ def add_commands(sub) -> None:
     b.add_argument("--out", required=True, help="index directory to write")
     b.add_argument("--model", default="offline-hashed", help="a hashed spec (codes + base encoder) or a float encoder")
     b.add_argument("--stage", default=DEFAULT_STAGE, help=STAGES_HELP)
-    b.add_argument("--bits", type=int, default=DEFAULT_BITS, help="hash code length for asym/hamming")
+    b.add_argument("--bits", type=int, default=DEFAULT_BITS,
+                   help="hash code length for asym-ivf/asym/hamming (the first bits of a longer head if needed)")
     b.add_argument("--batch", type=int, default=64, help="images encoded (and rows written) at a time")
     b.add_argument("--vectors", help="build from precomputed vectors (.npy, read by mmap) instead of encoding")
     b.add_argument("--names", help="with --vectors: a text file with one name per row")

@@ -22,8 +22,8 @@ val, train (N = 1000 is exactly the test split), then distractors, either ``gaus
 matched to the real embeddings' mean and covariance) or ``views`` (encoded augmented views of the
 real photos, then samples of a mixture fitted to them: ``matcher.scale.views``). Queries are real
 test-caption embeddings (text->image); query encoding is excluded (the same for every method).
-Everything runs on one thread; single-query latencies are timed in interleaved rounds (every
-method once per round) so a busy machine slows all methods alike.
+Everything runs on one thread; single-query latencies are interleaved (blocks of 25 queries, every
+method in turn in a random order per block) so a busy machine slows all methods alike.
 
 With ``engine="ray"`` the default method also runs sharded over ``workers`` Ray actors
 (``matcher.scale``), recording its recall, whether its top-k equals the single-process index's,
@@ -51,19 +51,24 @@ import numpy as np
 from tqdm import tqdm
 
 from matcher.atomic import atomic_path, write_json
-from matcher.hashing.codes import Hasher
-from matcher.search.index import (CandidateStage, FloatIndex, HammingStage, QuantizerStage, SignStage, TwoStageIndex,
-                                  index_bytes)
+from matcher.hashing.codes import Hasher, LayeredHasher
+from matcher.search.index import (CandidateStage, FloatIndex, HammingStage, QuantizedIndex, QuantizerStage, SignStage,
+                                  TwoStageIndex, factory_for, index_bytes, ivf_lists)
 
 log = logging.getLogger(__name__)
 
 FLOAT_METHODS = ("float-flat", "float-hnsw")
-DEFAULT_METHODS = ["float-flat", "float-hnsw", "hei-asym", "hei-hamming", "itq-asym", "lsh-asym", "hei-asym@128",
-                   "PQ64x4fs", "PQ32x4fs", "RaBitQfs", "SVD192,RaBitQfs"]
-DEFAULT_METHOD = "hei-asym"       # what the index store, HashedMatcher and Ray use; chosen by this benchmark
+DEFAULT_METHODS = ["float-flat", "float-hnsw",
+                   # flat scans of 32 B codes (16 B for @128 / PQ32x4fs, 40 B for RaBitQfs)
+                   "hei-asym", "hei-hamming", "itq-asym", "lsh-asym", "hei-asym@128", "PQ64x4fs", "PQ32x4fs",
+                   "RaBitQfs", "SVD192,RaBitQfs",
+                   # inverted lists ({n} = ivf_lists(N)), 24 B codes + 8 B ids; the query scans 20 % of the lists
+                   "hei-asym-ivf@192", "itq-asym-ivf@192", "SVD192,IVF{n},PQ48x4fs", "SVD128,IVF{n},RaBitQfs"]
+DEFAULT_METHOD = "hei-asym-ivf@192"   # what `index build` and the Ray engine use by default; chosen by this benchmark
 DEFAULT_CANDIDATES = 1000         # its shortlist at 1M (docs/scale.md)
 CODE_BUDGET = 32                  # bytes per item the code stage may cost (issue #17)
-HASH_METHOD = re.compile(r"^(hei|itq|lsh)-(asym|hamming)(?:@(\d+))?$")
+HASH_METHOD = re.compile(r"^(hei|itq|lsh)-(asym|hamming)(-ivf)?(?:@(\d+))?$")
+IVF_PROBE = 0.2                   # share of the inverted lists an IVF method scans
 
 
 @dataclass
@@ -74,7 +79,7 @@ class BenchConfig:
     heads: str = "assets/models/offline-hashed.pt"
     bits: int = 256                 # code length of the hash-code methods without @B (32 B/item)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    candidates: list[int] = field(default_factory=lambda: [100, 300, 500, 1000, 3000])  # shortlist sizes C
+    candidates: list[int] = field(default_factory=lambda: [100, 300, 500, 750, 1000, 3000])  # shortlist sizes C
     queries: int = 200              # single queries timed per size and method (per round)
     rounds: int = 3                 # interleaved timing rounds
     batch: int = 256                # batch size for throughput
@@ -91,6 +96,7 @@ class BenchConfig:
     engine: str = "local"           # "ray": also shard the default method over Ray workers
     workers: list[int] = field(default_factory=lambda: [2])
     store: bool = True              # build the default method's index directory and reopen it in a new process
+    default_method: str = DEFAULT_METHOD   # the method the index directory and the Ray engine use
     work_dir: str = ""              # re-rank tier and index directories (default: a temporary folder)
 
 
@@ -166,15 +172,24 @@ def grow_gallery(kind: str, real: np.ndarray, n: int, seed: int, views: tuple[np
 
 # -- methods -----------------------------------------------------------------------------------
 
-def make_method(name: str, hashers: dict[str, dict[int, Hasher]], bits: int, dim: int) -> CandidateStage:
-    """A candidate stage by bench name (module docstring)."""
+def make_method(name: str, hashers: dict[str, dict[int, Hasher]], bits: int, dim: int, n: int) -> CandidateStage:
+    """An empty candidate stage by bench name (module docstring) for a gallery of n items."""
     m = HASH_METHOD.match(name)
     if m:
-        family, scoring, b = m.group(1), m.group(2), int(m.group(3) or bits)
-        if b not in hashers[family]:
+        family, scoring, ivf, b = m.group(1), m.group(2), bool(m.group(3)), int(m.group(4) or bits)
+        hasher = hashers[family].get(b)
+        if hasher is None and family == "hei":   # a shorter code: the first b bits of a longer head
+            longer = [h for h in sorted(hashers["hei"]) if h > b]
+            hasher = LayeredHasher.of(hashers["hei"][longer[0]]).first(b) if longer else None
+        if hasher is None:
             raise ValueError(f"no {b}-bit {family} hasher (have {sorted(hashers[family])})")
-        return (SignStage if scoring == "asym" else HammingStage)(hashers[family][b])
-    return QuantizerStage(name, dim)
+        if scoring == "hamming":
+            if ivf:
+                raise ValueError(f"{name}: inverted lists are for the asymmetric score only")
+            return HammingStage(hasher)
+        return SignStage(hasher, nlist=ivf_lists(n) if ivf else 0, probe=IVF_PROBE)
+    factory = factory_for(name, n)
+    return QuantizerStage(factory, dim, QuantizedIndex(factory, dim, probe=IVF_PROBE))
 
 
 def needed_bits(methods: list[str], bits: int) -> dict[str, set[int]]:
@@ -182,7 +197,7 @@ def needed_bits(methods: list[str], bits: int) -> dict[str, set[int]]:
     for name in methods:
         m = HASH_METHOD.match(name)
         if m:
-            out[m.group(1)].add(int(m.group(3) or bits))
+            out[m.group(1)].add(int(m.group(4) or bits))
     return out
 
 
@@ -196,18 +211,25 @@ def overlap(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f[f >= 0].tolist()) & set(e.tolist())) / len(e) for f, e in zip(found, exact)]))
 
 
-def time_interleaved(fns: dict[str, Callable[[np.ndarray], object]], queries: np.ndarray,
-                     rounds: int) -> dict[str, tuple[float, float]]:
-    """p50/p95 ms of one query at a time, every function once per query per round, in turn."""
+def time_interleaved(fns: dict[str, Callable[[np.ndarray], object]], queries: np.ndarray, rounds: int,
+                     block: int = 25, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """p50/p95 ms of one query at a time. The queries are cut into blocks; every method runs each
+    block in turn, in a fresh random order per block and round, so load from other processes on a
+    shared machine falls on all methods alike (their ratios stay comparable) while each method still
+    runs ``block`` queries in a row, as a server dedicated to it would (warm caches)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for fn in fns.values():
         fn(queries[:1])  # warm-up
+    rng = np.random.default_rng(seed)
     for _ in range(rounds):
-        for name, fn in fns.items():
-            for q in queries:
-                t = time.perf_counter()
-                fn(q[None])
-                times[name].append(time.perf_counter() - t)
+        for start in range(0, len(queries), block):
+            for i in rng.permutation(len(names)):
+                fn, spent = fns[names[i]], times[names[i]]
+                for q in queries[start:start + block]:
+                    t = time.perf_counter()
+                    fn(q[None])
+                    spent.append(time.perf_counter() - t)
     return {name: _percentiles(ts) for name, ts in times.items()}
 
 
@@ -229,10 +251,10 @@ def write_rerank_tier(items: np.ndarray, path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.float16, mode="r", shape=items.shape)
 
 
-def bench_size(items: np.ndarray, queries: np.ndarray, cfg: BenchConfig, stages: dict[str, Callable[[], CandidateStage]],
+def bench_size(items: np.ndarray, queries: np.ndarray, cfg: BenchConfig, stages: dict[str, Callable[[int], CandidateStage]],
                tier: np.ndarray, n_real: int, gallery: str = "gaussian") -> tuple[list[dict], dict, np.ndarray]:
     """Every method at one gallery size. ``stages`` maps a method name to a factory of an empty
-    candidate stage; ``tier`` holds the re-rank vectors (float16, ideally memory-mapped) of at least
+    candidate stage for N items; ``tier`` holds the re-rank vectors (float16, ideally memory-mapped) of at least
     these N items. Returns (records, {method: TwoStageIndex}, exact top-k ids of the recall queries)
     for further use (index directory, Ray)."""
     n, dim = items.shape
@@ -267,7 +289,7 @@ def bench_size(items: np.ndarray, queries: np.ndarray, cfg: BenchConfig, stages:
     indexes: dict[str, TwoStageIndex] = {}
     sample = items[np.random.default_rng(cfg.seed).permutation(n)[:cfg.train_size]]
     for name, factory in stages.items():
-        stage = factory()
+        stage = factory(n)
         t = time.perf_counter()
         stage.train(sample)
         stage.add(items, "image")   # hashing the items is part of building
@@ -379,7 +401,7 @@ def load_hashers(cfg: BenchConfig, encoder, train_emb, bits_needed: dict[str, se
             check_base(encoder, meta, cfg.heads)
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
-        missing = bits_needed["hei"] - set(hashers)
+        missing = {b for b in bits_needed["hei"] if b not in hashers and not any(h > b for h in hashers)}
         if missing:
             raise SystemExit(f"error: {cfg.heads} has no {sorted(missing)}-bit head (has {sorted(hashers)})")
         out["hei"] = hashers
@@ -396,7 +418,7 @@ def store_record(two: TwoStageIndex, items: np.ndarray, queries: np.ndarray, cfg
     from matcher.search.store import IndexStore, build_index
 
     path = work / f"index-{common['gallery']}-{common['N']}"
-    stage = type(two.stage)(two.stage.hasher) if two.stage.hasher is not None else QuantizerStage(two.stage.name, items.shape[1])
+    stage = two.stage.empty_copy()   # trained parts (lists, codebooks) as in memory: the same answers
     batches = ((items[s:s + 65_536], [str(i) for i in range(s, min(s + 65_536, len(items)))])
                for s in range(0, len(items), 65_536))
     meta = {"encoder": {"spec": cfg.model, "name": encoder.name, "fingerprint": encoder.fingerprint()},
@@ -441,14 +463,14 @@ def _run(cfg: BenchConfig, json_path: Path, work: Path) -> dict:
         log.info("numpy BLAS threads are not pinned; set OMP_NUM_THREADS=1 for strict single-thread numbers")
     emb, encoder = split_embeddings(cfg.model, cfg.data, ("test", "val", "train"))
     methods = list(cfg.methods)
-    if cfg.engine == "ray" and DEFAULT_METHOD not in methods:
-        methods.append(DEFAULT_METHOD)
+    if (cfg.engine == "ray" or cfg.store) and cfg.default_method not in methods:
+        methods.append(cfg.default_method)
     hashers = load_hashers(cfg, encoder, emb["train"], needed_bits(methods, cfg.bits))
     dim = emb["test"].images.shape[1]
-    stages = {m: (lambda m=m: make_method(m, hashers, cfg.bits, dim)) for m in methods if m not in FLOAT_METHODS}
+    stages = {m: (lambda n, m=m: make_method(m, hashers, cfg.bits, dim, n)) for m in methods if m not in FLOAT_METHODS}
     real = np.concatenate([emb[s].images for s in ("test", "val", "train")])
     queries = np.ascontiguousarray(emb["test"].captions[np.random.default_rng(cfg.seed).permutation(len(emb["test"].captions))])
-    report = {"config": asdict(cfg), "command": " ".join(sys.argv), "default_method": DEFAULT_METHOD,
+    report = {"config": asdict(cfg), "command": " ".join(sys.argv), "default_method": cfg.default_method,
               "default_candidates": DEFAULT_CANDIDATES, "galleries": {}, "records": [], "speedups": [], "best": []}
     largest = max(cfg.sizes)
     for kind in cfg.galleries:
@@ -461,13 +483,13 @@ def _run(cfg: BenchConfig, json_path: Path, work: Path) -> dict:
             records, indexes, exact = bench_size(np.ascontiguousarray(items[:n]), queries, cfg, stages, tier,
                                                  len(real), kind)
             common = {"N": n, "gallery": kind, "dim": dim, "k": cfg.k, "threads": 1}
-            if cfg.store and DEFAULT_METHOD in indexes:
-                records.append(store_record(indexes[DEFAULT_METHOD], items[:n], queries[:cfg.recall_queries], cfg,
+            if cfg.store:
+                records.append(store_record(indexes[cfg.default_method], items[:n], queries[:cfg.recall_queries], cfg,
                                             work, common, encoder))
             if cfg.engine == "ray":
                 from matcher.scale.bench import ray_records
 
-                records += ray_records(indexes[DEFAULT_METHOD], items[:n], queries, exact, cfg, work, common,
+                records += ray_records(indexes[cfg.default_method], items[:n], queries, exact, cfg, work, common,
                                        DEFAULT_CANDIDATES)
             for r in records:
                 r.setdefault("load_average_1m", round(os.getloadavg()[0], 2))  # shared machine: context for timings

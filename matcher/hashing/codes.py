@@ -150,6 +150,13 @@ class LayeredHasher:
             return cls(hasher.method, dict(hasher.inputs), {m: list(ls) for m, ls in hasher.layers.items()})
         raise TypeError(f"cannot store a hasher of type {type(hasher).__name__}")
 
+    def first(self, bits: int) -> "LayeredHasher":
+        """The code made of this code's first ``bits`` bits (a shorter code from a longer head)."""
+        if not 0 < bits <= self.bits or bits % 8:
+            raise ValueError(f"cannot take {bits} of {self.bits} bits (a multiple of 8 up to {self.bits})")
+        return LayeredHasher(self.method, self.inputs,
+                             {m: ls[:-1] + [(ls[-1][0][:, :bits], ls[-1][1][:bits])] for m, ls in self.layers.items()})
+
     def real(self, vectors: np.ndarray, modality: str) -> np.ndarray:
         if modality not in self.layers:
             raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(self.layers)}")

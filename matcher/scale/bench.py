@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from matcher.scale.shards import write_shards
-from matcher.search.index import QuantizerStage, TwoStageIndex
+from matcher.search.index import TwoStageIndex
 
 
 def _percentiles(times: list[float]) -> tuple[float, float]:
@@ -32,7 +32,7 @@ def ray_records(single: TwoStageIndex, items: np.ndarray, queries: np.ndarray, e
     from matcher.scale.engine import RayShards, start_ray
 
     stage = single.stage
-    make = (lambda: type(stage)(stage.hasher)) if stage.hasher is not None else (lambda: QuantizerStage(stage.name, items.shape[1]))
+    make = stage.empty_copy   # every shard gets the single index's trained parts: the same partition and codes
     rq, timed, batch, k = queries[:len(exact)], queries[:cfg.queries], queries[:cfg.batch], cfg.k
     _, ref = _batched(lambda q: single.search(q, k, candidates), rq)
     start_ray(num_cpus=max(cfg.workers))

@@ -112,10 +112,16 @@ def write_shards(root: str | Path, make_stage: Callable[[], CandidateStage], vec
     """Write ``shards`` index directories ``root/shard-000 ...`` over contiguous row ranges of
     ``vectors`` (an array or memmap: read batch by batch). Returns [(path, offset)].
 
-    A quantiser stage is trained per shard on that shard's first rows; hash-code stages need no
-    training, so their shards hold exactly the codes one index over everything would.
+    A stage that needs training (a quantiser, inverted lists) is trained once, on rows spread over
+    the whole gallery, and every shard starts from a copy of it: the shards then hold exactly the
+    codes and lists one index over everything would (``make_stage`` may also return such a trained
+    copy itself, e.g. ``stage.empty_copy``).
     """
     root = Path(root)
+    template = make_stage()
+    if template.needs_training and not _trained(template):
+        rows = np.linspace(0, len(vectors) - 1, min(train_size, len(vectors))).astype(int)
+        template.train(np.asarray(vectors[rows], np.float32))
     out = []
     for i, (start, end) in enumerate(split_rows(len(vectors), shards)):
         def batches(start=start, end=end) -> Iterable:
@@ -123,7 +129,12 @@ def write_shards(root: str | Path, make_stage: Callable[[], CandidateStage], vec
                 e = min(end, s + batch)
                 yield np.asarray(vectors[s:e], np.float32), (names[s:e] if names is not None else [str(r) for r in range(s, e)])
         path = root / f"shard-{i:03d}"
-        build_index(path, make_stage(), batches(), vectors.shape[1], {**(meta or {}), "shard": {"index": i, "of": shards,
-                    "offset": start}}, overwrite=overwrite, train_size=train_size)
+        build_index(path, template.empty_copy(), batches(), vectors.shape[1],
+                    {**(meta or {}), "shard": {"index": i, "of": shards, "offset": start}}, overwrite=overwrite,
+                    train_size=train_size)
         out.append((path, start))
     return out
+
+
+def _trained(stage: CandidateStage) -> bool:
+    return bool(getattr(stage.index, "is_trained", True))

@@ -104,6 +104,21 @@ class BinaryIndex(PackedCodes):
         return self.index.search(np.ascontiguousarray(queries, dtype=np.uint8), k)
 
 
+def ivf_lists(n: int) -> int:
+    """Inverted lists for n items: the power of two nearest sqrt(n), 16..4096; 0 (no lists: a flat
+    scan) below 1000 items, where lists save nothing and could not be trained."""
+    if n < 1000:
+        return 0
+    return int(min(4096, max(16, 2 ** round(np.log2(np.sqrt(n))))))
+
+
+def factory_for(name: str, n: int) -> str:
+    """A faiss factory string with ``{n}`` replaced by ``ivf_lists(n)`` (the ``IVF{n},`` step dropped
+    when that is 0)."""
+    lists = ivf_lists(n)
+    return name.replace("{n}", str(lists)) if lists else name.replace("IVF{n},", "")
+
+
 def sign_patterns(nbits: int = 4) -> np.ndarray:
     """[2^nbits, nbits] +-1 rows: centroid j has bit b (most significant first) of j."""
     j = np.arange(2 ** nbits)[:, None]
@@ -118,17 +133,48 @@ class SignIndex(PackedCodes):
     ``bits / 8`` bytes per item. faiss ``IndexPQFastScan`` with M = bits / 4 sub-quantisers of
     4 bits whose centroids are the 16 sign patterns: encoding a +-1 vector picks exactly its own
     pattern, and a query's lookup table holds its inner product with each pattern.
+
+    With ``nlist`` the codes are split into that many inverted lists (``IndexIVFPQFastScan`` over
+    the same sign-pattern codebooks; coarse centroids trained on the hash head's real outputs, inner
+    product) and a query scans only its ``nprobe`` best lists; faiss stores an 8-byte id per item in
+    the lists, so an item costs ``bits / 8 + 8`` bytes.
     """
 
-    def __init__(self, bits: int, index: faiss.Index | None = None):
+    def __init__(self, bits: int, index: faiss.Index | None = None, nlist: int = 0, nprobe: int = 1):
         if bits % 8:
             raise ValueError(f"bits must be a multiple of 8 (got {bits})")
         self.bits = bits
         if index is None:
-            index = faiss.IndexPQFastScan(bits, bits // 4, 4, faiss.METRIC_INNER_PRODUCT)
-            faiss.copy_array_to_vector(np.tile(sign_patterns(4)[None], (bits // 4, 1, 1)).ravel(), index.pq.centroids)
-            index.is_trained = True
-        self.index = index
+            if nlist:
+                quantizer = faiss.IndexFlatIP(bits)
+                index = faiss.IndexIVFPQFastScan(quantizer, bits, nlist, bits // 4, 4, faiss.METRIC_INNER_PRODUCT)
+                quantizer.this.disown()          # the IVF index owns (and frees) its coarse quantiser
+                index.own_fields = True
+                index.by_residual = False
+                index.nprobe = max(1, min(nprobe, nlist))
+            else:
+                index = faiss.IndexPQFastScan(bits, bits // 4, 4, faiss.METRIC_INNER_PRODUCT)
+                index.is_trained = True
+            self._set_patterns(index)
+        self.index = index   # a loaded IVF index keeps the nprobe it was written with
+
+    @staticmethod
+    def _set_patterns(index) -> None:
+        faiss.copy_array_to_vector(np.tile(sign_patterns(4)[None], (index.pq.M, 1, 1)).ravel(), index.pq.centroids)
+
+    @property
+    def nlist(self) -> int:
+        return int(getattr(self.index, "nlist", 0))
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def train(self, real: np.ndarray) -> None:
+        """IVF only: k-means of the items' real-valued projections [n, bits] for the coarse lists."""
+        if self.nlist:
+            self.index.train(np.ascontiguousarray(real, dtype=np.float32))
+            self._set_patterns(self.index)   # training fitted a PQ too; the codes are the sign patterns
 
     def add(self, codes: np.ndarray) -> None:
         """Packed codes [N, bits / 8] (``matcher.hashing.codes.pack_bits`` layout)."""
@@ -150,14 +196,14 @@ class QuantizedIndex:
 
     ``PQ64x4fs`` = 64 sub-quantisers of 4 bits (32 B/item, fast-scan), ``PQ32x4fs`` (16 B),
     ``RaBitQ`` / ``RaBitQfs`` = 1 bit per dimension plus per-vector corrections (D / 8 + 8 B).
-    ``SVD<d>,<factory>`` first projects onto the top d right-singular vectors of the (uncentred)
+    ``IVF<n>,...`` factories scan the ``probe`` share of their lists. ``SVD<d>,<factory>`` first projects onto the top d right-singular vectors of the (uncentred)
     training sample, then rotates randomly: inner products survive it, unlike faiss' ``PCA<d>``,
     which centres the vectors and so changes which item has the larger inner product with a query
     (RaBitQ at 32 B for D = 256: ``SVD192,RaBitQfs``).
     """
 
-    def __init__(self, factory: str, dim: int, index: faiss.Index | None = None):
-        self.factory, self.dim = factory, dim
+    def __init__(self, factory: str, dim: int, index: faiss.Index | None = None, probe: float = 0.2):
+        self.factory, self.dim, self.probe = factory, dim, probe
         if index is None:
             reduced = re.match(r"^SVD(\d+),(.+)$", factory)
             if reduced:
@@ -184,6 +230,9 @@ class QuantizedIndex:
             faiss.copy_array_to_vector(np.ascontiguousarray(rotation @ vt[:transform.d_out], np.float32).ravel(), transform.A)
             transform.is_trained = True
         self.index.train(sample)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:   # an IVF factory scans the ``probe`` share of its lists (faiss' default is 1 list)
+            ivf.nprobe = max(1, round(self.probe * ivf.nlist))
 
     def add(self, vectors: np.ndarray) -> None:
         if not self.index.is_trained:
@@ -200,11 +249,12 @@ class QuantizedIndex:
 
 
 def code_bytes(index) -> int:
-    """Bytes one more item adds to a faiss index (its code), without the fixed codebooks and headers."""
+    """Bytes one more item adds to a faiss index (its code, plus its 8-byte id in an inverted list),
+    without the fixed codebooks, centroids and headers."""
     raw = getattr(index, "index", index)
     if isinstance(raw, faiss.IndexPreTransform):
         raw = faiss.downcast_index(raw.index)
-    return int(raw.code_size)
+    return int(raw.code_size) + (8 if isinstance(raw, faiss.IndexIVF) else 0)
 
 
 def index_bytes(index) -> int:
@@ -239,6 +289,23 @@ def gather_rows(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.asarray(rows, np.float32)
 
 
+def _top_k_order(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Column order of the k best per row: best score first, equal scores by lower id, so the order
+    is a function of the candidate *set* and shards that re-rank their parts and merge
+    (``matcher.scale``) return exactly this. A partition first (linear), then a sort of k only;
+    rows with a tie across the k-th place are sorted whole."""
+    if k >= scores.shape[1]:
+        return np.lexsort((ids, -scores), axis=1)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(scores, part, 1).min(axis=1, keepdims=True)
+    inner = np.lexsort((np.take_along_axis(ids, part, 1), -np.take_along_axis(scores, part, 1)), axis=1)
+    order = np.take_along_axis(part, inner, 1)
+    tied = np.flatnonzero((scores >= kth).sum(axis=1) > k)
+    if len(tied):
+        order[tied] = np.lexsort((ids[tied], -scores[tied]), axis=1)[:, :k]
+    return order
+
+
 def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, k: int,
            chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Re-score each query's candidate ids by inner product with ``vectors``; keep the best ``k``.
@@ -258,9 +325,7 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, k: 
         # [Q, C, D] x [Q, D, 1]: one small batched matmul over only the gathered candidate rows.
         scores = np.matmul(gather_rows(vectors, np.maximum(ids, 0)), q[:, :, None])[..., 0]
         scores[ids < 0] = -np.inf
-        # Best score first, equal scores by lower id: the order is a function of the candidate *set*,
-        # so shards that re-rank their parts and merge (matcher.scale) return exactly this.
-        order = np.lexsort((ids, -scores), axis=1)[:, :k]
+        order = _top_k_order(scores, ids, k)
         out_scores[start:start + chunk] = np.take_along_axis(scores, order, 1)
         out_ids[start:start + chunk] = np.take_along_axis(ids, order, 1)
     return out_scores, out_ids
@@ -275,6 +340,13 @@ def two_stage_search(index: BinaryIndex, vectors: np.ndarray, query_codes: np.nd
 
 # -- candidate stages: a code index + the query transform ---------------------------------------------------------------------------
 
+def _trained_empty(index: faiss.Index) -> faiss.Index:
+    """A copy of a faiss index with its training (codebooks, coarse centroids, nprobe) and no items."""
+    copy = faiss.deserialize_index(faiss.serialize_index(index))   # clone_index does not keep every IVF type
+    copy.reset()
+    return copy
+
+
 class CandidateStage:
     """A code index plus what turns a float query into its query form. Subclasses set ``index``."""
 
@@ -282,8 +354,8 @@ class CandidateStage:
     hasher: Hasher | None = None
     needs_training = False
 
-    def train(self, sample: np.ndarray) -> None:
-        """Fit what the codes need (faiss quantisers); hashers come trained."""
+    def train(self, sample: np.ndarray, modality: str = "image") -> None:
+        """Fit what the codes need (faiss quantisers, inverted lists) on items; hashers come trained."""
 
     def add(self, vectors: np.ndarray, modality: str = "image") -> None:
         raise NotImplementedError
@@ -294,6 +366,11 @@ class CandidateStage:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def empty_copy(self) -> "CandidateStage":
+        """The same stage with no items, trained parts (codebooks, coarse lists) shared by value:
+        shards made from one such template partition and score exactly like the whole index."""
+        raise NotImplementedError
 
     @property
     def bytes_per_item(self) -> int:
@@ -311,8 +388,11 @@ class HammingStage(CandidateStage):
 
     def __init__(self, hasher: Hasher, index: BinaryIndex | None = None):
         self.hasher, self.bits = hasher, hasher.bits
-        self.index = index or BinaryIndex(hasher.bits)
+        self.index = index if index is not None else BinaryIndex(hasher.bits)
         self.name = f"{hasher.method}{hasher.bits}-hamming"
+
+    def empty_copy(self) -> "HammingStage":
+        return HammingStage(self.hasher)
 
     def add(self, vectors, modality="image"):
         for start in range(0, len(vectors), ADD_CHUNK):   # hashing in chunks: no second float copy of N items
@@ -325,12 +405,27 @@ class HammingStage(CandidateStage):
 
 class SignStage(CandidateStage):
     """Packed codes, asymmetric score ``<h(q), +-1 code> / |h(q)|_1`` in [-1, 1]: the Hamming
-    similarity with each bit weighted by how far the query's own projection is from 0."""
+    similarity with each bit weighted by how far the query's own projection is from 0.
 
-    def __init__(self, hasher: Hasher, index: SignIndex | None = None):
+    ``nlist`` > 0 splits the codes into inverted lists (``SignIndex``) of which a query scans the
+    ``probe`` share; the lists are trained on a sample of the items (``train``).
+    """
+
+    def __init__(self, hasher: Hasher, index: SignIndex | None = None, nlist: int = 0, probe: float = 0.2):
         self.hasher, self.bits = hasher, hasher.bits
-        self.index = index or SignIndex(hasher.bits)
-        self.name = f"{hasher.method}{hasher.bits}-asym"
+        self.index = index if index is not None else SignIndex(hasher.bits, nlist=nlist, nprobe=max(1, round(probe * nlist)))
+        self.needs_training = bool(self.index.nlist)
+        ivf = f"-ivf{self.index.nlist}" if self.index.nlist else ""
+        self.name = f"{hasher.method}{hasher.bits}-asym{ivf}"
+
+    def train(self, sample, modality="image"):
+        if self.needs_training:
+            self.index.train(self.hasher.real(np.asarray(sample, np.float32), modality))
+
+    def empty_copy(self) -> "SignStage":
+        if not self.index.nlist:
+            return SignStage(self.hasher)
+        return SignStage(self.hasher, SignIndex(self.bits, _trained_empty(self.index.index)))
 
     def add(self, vectors, modality="image"):
         for start in range(0, len(vectors), ADD_CHUNK):
@@ -352,11 +447,15 @@ class QuantizerStage(CandidateStage):
     needs_training = True
 
     def __init__(self, factory: str, dim: int, index: QuantizedIndex | None = None):
-        self.index = index or QuantizedIndex(factory, dim)
+        self.index = index if index is not None else QuantizedIndex(factory, dim)
         self.factory, self.name = factory, factory
 
-    def train(self, sample):
+    def train(self, sample, modality="image"):
         self.index.train(sample)
+
+    def empty_copy(self) -> "QuantizerStage":
+        return QuantizerStage(self.factory, self.index.dim,
+                              QuantizedIndex(self.factory, self.index.dim, _trained_empty(self.index.index)))
 
     def add(self, vectors, modality="image"):
         self.index.add(vectors)

@@ -8,7 +8,7 @@ import pytest
 from matcher.hashing.bench import (BenchConfig, best_methods, bench_size, distractors, figure, grow_gallery, make_method,
                                    needed_bits, overlap, speedups, write_rerank_tier)
 from matcher.hashing.codes import ITQHasher, LSHHasher
-from matcher.search.index import HammingStage, QuantizerStage, SignStage
+from matcher.search.index import HammingStage, QuantizerStage, SignStage, ivf_lists
 from tests.search.test_hashing import synthetic
 
 
@@ -16,14 +16,26 @@ def test_method_names_pick_family_scoring_and_bits():
     emb = synthetic(100)
     hashers = {"hei": {32: LSHHasher(emb.images, emb.captions, 32)}, "itq": {16: ITQHasher(emb.images, emb.captions, 16)},
                "lsh": {}}
-    assert isinstance(make_method("hei-asym", hashers, 32, 32), SignStage)
-    assert isinstance(make_method("hei-hamming", hashers, 32, 32), HammingStage)
-    assert make_method("itq-asym@16", hashers, 32, 32).bits == 16
-    assert isinstance(make_method("PQ8x4fs", hashers, 32, 32), QuantizerStage)
+    assert isinstance(make_method("hei-asym", hashers, 32, 32, 1000), SignStage)
+    assert isinstance(make_method("hei-hamming", hashers, 32, 32, 1000), HammingStage)
+    assert make_method("itq-asym@16", hashers, 32, 32, 1000).bits == 16
+    short = make_method("hei-asym@24", hashers, 32, 32, 1000)             # the first 24 bits of the 32-bit head
+    assert short.bits == 24 and np.array_equal(short.hasher.encode(emb.images, "image"),
+                                                hashers["hei"][32].encode(emb.images, "image")[:, :3])
+    ivf = make_method("hei-asym-ivf", hashers, 32, 32, 10_000)
+    assert ivf.index.nlist == ivf_lists(10_000) == 128 and ivf.index.index.nprobe == 26 and ivf.needs_training
+    assert ivf.bytes_per_item == 4 + 8                                       # code + id in the inverted list
+    pq = make_method("SVD16,IVF{n},PQ8x4fs", hashers, 32, 32, 1000)
+    assert isinstance(pq, QuantizerStage) and pq.name == "SVD16,IVF32,PQ8x4fs"
+    assert make_method("SVD16,IVF{n},PQ8x4fs", hashers, 32, 32, 999).name == "SVD16,PQ8x4fs"   # too few for lists
+    assert make_method("hei-asym-ivf", hashers, 32, 32, 999).index.nlist == 0
     with pytest.raises(ValueError, match="no 64-bit hei"):
-        make_method("hei-asym@64", hashers, 32, 32)
-    assert needed_bits(["hei-asym", "itq-asym@16", "lsh-hamming", "PQ64x4fs", "float-flat"], 256) == \
+        make_method("hei-asym@64", hashers, 32, 32, 1000)
+    with pytest.raises(ValueError, match="asymmetric score only"):
+        make_method("hei-hamming-ivf", hashers, 32, 32, 1000)
+    assert needed_bits(["hei-asym", "itq-asym-ivf@16", "lsh-hamming", "PQ64x4fs", "float-flat"], 256) == \
         {"hei": {256}, "itq": {16}, "lsh": {256}}
+    assert [ivf_lists(n) for n in (999, 1000, 100_000, 1_000_000, 10**9)] == [0, 32, 256, 1024, 4096]
 
 
 def test_bench_size_records_recall_and_full_shortlist(tmp_path):
@@ -33,15 +45,15 @@ def test_bench_size_records_recall_and_full_shortlist(tmp_path):
     hasher = LSHHasher(emb.images, emb.captions, 32)
     cfg = BenchConfig(queries=5, rounds=1, batch=16, recall_queries=40, candidates=[20, 249], hnsw_m=8,
                       methods=["float-flat", "float-hnsw", "lsh-asym", "lsh-hamming", "PQ8x4fs"], train_size=250)
-    stages = {"lsh-asym": lambda: SignStage(hasher), "lsh-hamming": lambda: HammingStage(hasher),
-              "PQ8x4fs": lambda: QuantizerStage("PQ8x4fs", 32)}
+    stages = {"lsh-asym": lambda n: SignStage(hasher), "lsh-hamming": lambda n: HammingStage(hasher),
+              "PQ8x4fs": lambda n: QuantizerStage("PQ8x4fs", 32), "lsh-asym-ivf": lambda n: SignStage(hasher, nlist=8, probe=0.5)}
     tier = write_rerank_tier(items, tmp_path / "v.f16")
     records, indexes, exact = bench_size(items, emb.captions, cfg, stages, tier, n_real=100)
     by = {r["method"]: r for r in records}
     assert set(by) == {"float-flat", "float-hnsw", *(f"{m}{s}" for m in stages for s in (" (codes only)", "+rerank C=20",
                                                                                           "+rerank C=249"))}
     assert exact.shape == (40, 10) and set(indexes) == set(stages)
-    for m in stages:
+    for m in ("lsh-asym", "lsh-hamming", "PQ8x4fs"):
         assert by[f"{m}+rerank C=249"]["recall_at_k"] == 1.0          # C ~ N: exactly the float top-k
         assert by[f"{m}+rerank C=20"]["recall_at_k"] >= by[f"{m} (codes only)"]["recall_at_k"]
         assert by[f"{m}+rerank C=20"]["rerank_tier"] == "float16 mmap"
@@ -49,7 +61,8 @@ def test_bench_size_records_recall_and_full_shortlist(tmp_path):
     assert by["float-flat"]["bytes_per_item"] == 128 and by["float-flat"]["recall_at_k"] == 1.0
     assert all(r["distractors"] == 150 and r["gallery"] == "gaussian" for r in records)
     rows = speedups(records)
-    assert len(rows) == 6 and all(r["p50_speedup_vs_float_flat"] > 0 for r in rows)
+    assert len(rows) == 8 and all(r["p50_speedup_vs_float_flat"] > 0 for r in rows)
+    assert by["lsh-asym-ivf (codes only)"]["bytes_per_item"] == 4 + 8
     assert len(figure(records).data) == 1 + 1 + len(stages)
     json.dumps(records)  # JSON-serialisable as written
 

@@ -62,11 +62,18 @@ def test_local_shards_return_the_single_index_top_k(tmp_path):
         local.search(q, 10, 50, rounds=3)
 
 
-def test_quantiser_shards_are_trained_per_shard_and_still_find_items(tmp_path):
-    emb, _ = gallery(1200)
-    shards = write_shards(tmp_path, lambda: QuantizerStage("PQ8x4fs", 32), emb.images, None, 2, train_size=600)
-    _, ids = LocalShards(shards).search(emb.images[::100], 1, 100, modality="image")
-    assert ids[:, 0].tolist() == list(range(0, 1200, 100))
+@pytest.mark.parametrize("make", [lambda h: QuantizerStage("PQ8x4fs", 32), lambda h: SignStage(h, nlist=16, probe=0.25)])
+def test_trained_stages_are_trained_once_so_shards_equal_one_index(tmp_path, make):
+    emb, _ = gallery(2000)
+    hasher = LSHHasher(emb.images, emb.captions, 64)   # 64 bits: few exact ties of code scores at the C-th place
+    template = make(hasher)
+    template.train(emb.images[np.linspace(0, 1999, 1000).astype(int)])
+    single = template.empty_copy()
+    single.add(emb.images)
+    ref = TwoStageIndex(single, emb.images.astype(np.float16)).search(emb.captions[:200], 10, 100)[1]
+    shards = write_shards(tmp_path, make_stage=lambda: make(hasher), vectors=emb.images, names=None, shards=2,
+                          train_size=1000)                                  # trains its own template the same way
+    assert np.array_equal(LocalShards(shards).search(emb.captions[:200], 10, 100)[1], ref)
 
 
 def test_augmented_views_are_deterministic_and_differ_between_views():

@@ -138,3 +138,15 @@ def test_hashed_matcher_hamming_scoring_keeps_the_old_behaviour():
     assert all(abs(h.score * 32 / 2 - round(h.score * 32 / 2)) < 1e-5 for h in codes_only)   # 1 - 2d/k steps
     with pytest.raises(ValueError, match="unknown scoring"):
         HashedMatcher(_FixedEncoder(emb), None, hashers, embeddings=emb, scoring="cosine")
+
+
+def test_partitioned_top_k_order_equals_a_full_sort_with_ties():
+    from matcher.search.index import _top_k_order
+
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 6, (200, 40)).astype(np.float32)       # many exact ties, across the k-th place too
+    ids = np.stack([rng.permutation(1000)[:40] for _ in range(200)])
+    for k in (1, 5, 39, 40):
+        full = np.lexsort((ids, -scores), axis=1)[:, :k]
+        got = _top_k_order(scores, ids, k)
+        assert np.array_equal(np.take_along_axis(ids, got, 1), np.take_along_axis(ids, full, 1))

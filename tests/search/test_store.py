@@ -178,3 +178,53 @@ def test_names_file_holds_unicode_paths(tmp_path):
     names = [f"dossier é/{i} ünï.jpg" for i in range(10)]
     store = build_index(tmp_path / "u", HammingStage(LSHHasher(emb.images, emb.captions, 8)), [(emb.images, names)], 32)
     assert list(IndexStore.open(store.path).names) == names and (store.path / NAMES).stat().st_size > 0
+
+
+def test_inverted_list_codes_are_trained_while_streaming_and_reopen_with_their_lists(tmp_path):
+    emb = synthetic(600)
+    hasher = LSHHasher(emb.images, emb.captions, 32)
+    store = build_index(tmp_path / "ivf", SignStage(hasher, nlist=8, probe=0.5), _batches(emb.images, emb.names, 100),
+                        32, train_size=300)
+    assert store.manifest["stage"]["nlist"] == 8 and store.manifest["stage"]["nprobe"] == 4
+    assert store.manifest["code_bytes_per_item"] == 4 + 8
+    reopened = IndexStore.open(store.path)
+    assert reopened.index.stage.index.index.nprobe == 4
+    assert np.array_equal(reopened.search(emb.captions[:40], 10, 100)[1], store.search(emb.captions[:40], 10, 100)[1])
+    _, ids = reopened.search(emb.images[:20], 1, 600, modality="image")
+    assert ids[:, 0].tolist() == list(range(20))
+
+
+def test_index_cli_builds_from_a_gallery_then_searches_info_and_refuses_damage(tmp_path, monkeypatch, small_gallery,
+                                                                              capsys):
+    import matcher.registry as registry
+    from matcher.cli.main import main
+    from matcher.hashing.heads import HashHeads, base_probe, save_heads
+
+    encoder = registry.cached_encoder("open_clip:matcher-tiny-vit")
+    save_heads(tmp_path / "heads.pt", {32: HashHeads(32, 32)}, {"base_probe": base_probe(encoder)})
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for registered in registry.CONFIG_DIR.glob("*.json"):            # the shipped names stay (the presets use them)
+        (configs / registered.name).write_text(registered.read_text())
+    (configs / "tiny-hashed.json").write_text(json.dumps(
+        {"type": "hashed", "base": "open_clip:matcher-tiny-vit", "heads": str(tmp_path / "heads.pt")}))
+    monkeypatch.setattr(registry, "CONFIG_DIR", configs)
+    out = tmp_path / "idx"
+    main(["index", "build", "--gallery", str(small_gallery), "--model", "tiny-hashed", "--bits", "24", "--out", str(out),
+          "--batch", "5"])
+    assert "wrote" in capsys.readouterr().out
+    store = IndexStore.open(out, encoder=encoder)
+    assert store.count == 12 and store.manifest["stage"]["name"] == "hei24-asym"     # 12 items: no lists
+    assert store.manifest["encoder"]["spec"] == "open_clip:matcher-tiny-vit"
+    from matcher.data.gallery import open_gallery
+    from matcher.search.exact import ExactMatcher
+
+    exact = ExactMatcher(encoder, open_gallery(small_gallery)).search_text("a dog", SearchOptions(k=3))
+    main(["index", "search", str(out), "a dog", "--k", "3", "--candidates", "12"])
+    printed = capsys.readouterr().out
+    assert [line.split()[-1] for line in printed.splitlines()[1:4]] == [h.name for h in exact.hits]
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["index", "build", "--gallery", str(small_gallery), "--model", "tiny-hashed", "--out", str(out)])
+    (out / "codes.faiss").write_bytes((out / "codes.faiss").read_bytes()[:100])
+    with pytest.raises(SystemExit, match="error: index .* is damaged: codes.faiss is truncated"):
+        main(["index", "info", str(out)])
