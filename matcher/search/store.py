@@ -111,7 +111,8 @@ class Names(Sequence[str]):
 
 def stage_meta(stage: CandidateStage) -> dict:
     if isinstance(stage, SignStage):
-        return {"kind": "sign", "bits": stage.bits, "hasher": stage.hasher.method, "name": stage.name}
+        return {"kind": "sign", "bits": stage.bits, "hasher": stage.hasher.method, "name": stage.name,
+                "nlist": stage.index.nlist, "nprobe": int(getattr(stage.index.index, "nprobe", 0))}
     if isinstance(stage, HammingStage):
         return {"kind": "hamming", "bits": stage.bits, "hasher": stage.hasher.method, "name": stage.name}
     if isinstance(stage, QuantizerStage):
