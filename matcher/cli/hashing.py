@@ -94,7 +94,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
                          hnsw_m=args.hnsw_m, hnsw_max=args.hnsw_max, seed=args.seed, heads=args.heads,
                          engine=args.engine, workers=_int_list(args.workers), store=not args.no_store,
                          default_method=args.default_method or DEFAULT_METHOD, work_dir=args.work_dir or "")
-    run_benchmark(config, args.json)
+    if args.suite == "scoring":
+        from matcher.hashing.bench import run_scoring
+
+        run_scoring(config, args.json)
+    else:
+        run_benchmark(config, args.json)
 
 
 def add_commands(sub) -> None:
@@ -112,6 +117,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("bench", help="scale benchmark: exact float search vs two-stage code indexes (HEI, ITQ, LSH, "
                                       "faiss PQ / RaBitQ) at 1k..1M items; --engine ray shards the default")
+    p.add_argument("--suite", choices=("scale", "scoring"), default="scale",
+                   help="scoring: Hamming vs asymmetric shortlists of the same codes on the real val/test splits")
     p.add_argument("--sizes", default="1000,10000,100000,1000000")
     p.add_argument("--model", help="float encoder whose embeddings are indexed (default as train-hash)")
     p.add_argument("--data", default=default_data)

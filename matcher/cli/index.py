@@ -210,5 +210,5 @@ def add_commands(sub) -> None:
     s.add_argument("--image", help="query image path instead of text")
     s.add_argument("--model", help="query encoder spec (default: the one the index records)")
     s.add_argument("--k", type=int, default=10)
-    s.add_argument("--candidates", type=int, default=1000, help="shortlist size C")
+    s.add_argument("--candidates", type=int, default=2000, help="shortlist size C (2000: docs/scale.md)")
     s.set_defaults(func=cmd_search)

@@ -304,7 +304,7 @@ class IndexStore:
         """Every file fully re-hashed: the problems found (empty when intact)."""
         return check_files(self.path, self.manifest, full=True)
 
-    def search(self, queries: np.ndarray, k: int = 10, candidates: int = 1000,
+    def search(self, queries: np.ndarray, k: int = 10, candidates: int = 2000,
                modality: str = "text") -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(queries, k, candidates, modality)
 
@@ -369,10 +369,12 @@ class IndexedMatcher:
     """The ``Matcher`` protocol over an ``IndexStore``: the gallery is the index (any size), queries
     are encoded by ``encoder`` (checked against the index's fingerprint), nothing is re-encoded or
     re-hashed. Images only: caption search needs caption codes, which an image index does not hold.
-    ``options.candidates`` is the shortlist C; ``options.bits`` is fixed by the index.
+    ``options.candidates`` is the shortlist C; left at ``SearchOptions``' default (100, sized for the
+    1000-photo gallery) it becomes ``default_candidates`` (2000: recall >= 0.99 at 1M items on both
+    benchmark galleries, docs/scale.md). ``options.bits`` is fixed by the index.
     """
 
-    def __init__(self, store: IndexStore, encoder, name: str | None = None, default_candidates: int = 1000):
+    def __init__(self, store: IndexStore, encoder, name: str | None = None, default_candidates: int = 2000):
         check_encoder(store.manifest, encoder, store.path)
         self.store, self.encoder = store, encoder
         self.name = name or f"index:{store.path.name}"

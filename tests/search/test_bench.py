@@ -94,3 +94,34 @@ def test_views_gallery_keeps_the_real_items_then_views_then_mixture_samples():
 
 def test_overlap_counts_the_share_of_the_exact_top_k():
     assert overlap(np.array([[1, 2, -1]]), np.array([[2, 3, 1]])) == pytest.approx(2 / 3)
+
+
+def test_the_default_is_the_fastest_method_that_holds_on_every_gallery():
+    from matcher.hashing.bench import best_overall
+
+    def rec(g, m, p50, recall):
+        return {"N": 10, "gallery": g, "method": m, "candidates": 1, "p50_ms": p50, "recall_at_k": recall,
+                "bytes_per_item": 32 if m != "float-flat" else 1024, "engine": "local"}
+
+    records = [rec(g, "float-flat", 20.0, 1.0) for g in ("a", "b")] + [
+        rec("a", "x+rerank C=1", 0.5, 0.995), rec("b", "x+rerank C=1", 0.5, 0.98),     # fast, misses on b
+        rec("b", "x+rerank C=2", 2.0, 0.995),                                            # x holds on b at 10x
+        rec("a", "y+rerank C=1", 1.0, 0.991), rec("b", "y+rerank C=1", 1.0, 0.992),     # y: 20x on both
+        rec("a", "z+rerank C=1", 0.1, 0.999)]                                            # z: never run on b
+    best = best_overall(records)
+    assert best["method"] == "y" and best["worst_gallery_speedup"] == 20.0 and set(best["per_gallery"]) == {"a", "b"}
+
+
+def test_a_default_is_one_setting_that_holds_on_every_gallery():
+    from matcher.hashing.bench import best_single_setting
+
+    def rec(g, m, p50, recall):
+        return {"N": 10, "gallery": g, "method": m, "candidates": 1, "p50_ms": p50, "recall_at_k": recall,
+                "bytes_per_item": 32 if m != "float-flat" else 1024, "engine": "local"}
+
+    records = [rec(g, "float-flat", 20.0, 1.0) for g in ("a", "b")] + [
+        rec("a", "x+rerank C=1", 0.5, 0.995), rec("b", "x+rerank C=1", 0.5, 0.98),   # misses on b at C=1
+        rec("a", "x+rerank C=2", 1.0, 0.999), rec("b", "x+rerank C=2", 2.0, 0.995),  # holds at C=2: worst 10x
+        rec("a", "y+rerank C=5", 1.6, 0.991), rec("b", "y+rerank C=5", 1.0, 0.992)]  # holds: worst 12.5x
+    best = best_single_setting(records)
+    assert best["method"] == "y+rerank C=5" and best["worst_gallery_speedup"] == 12.5
