@@ -25,6 +25,21 @@ def _batched(search, queries: np.ndarray, size: int = 256):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def _latency_and_qps(search, timed: np.ndarray, batch: np.ndarray) -> tuple[tuple[float, float], float]:
+    """((p50, p95) ms of one query at a time, queries per second on ``batch`` at once)."""
+    search(timed[:1])
+    times = []
+    for q in timed:
+        t = time.perf_counter()
+        search(q[None])
+        times.append(time.perf_counter() - t)
+    t, reps = time.perf_counter(), 0
+    while reps < 5 and (reps == 0 or time.perf_counter() - t < 1.0):
+        search(batch)
+        reps += 1
+    return _percentiles(times), round(reps * len(batch) / (time.perf_counter() - t), 1)
+
+
 def ray_records(single: TwoStageIndex, items: np.ndarray, queries: np.ndarray, exact: np.ndarray, cfg, work: Path,
                 common: dict, candidates: int) -> list[dict]:
     """One record per worker count (and per merge: ``rounds`` 2 = the single-process result, 1 = each
@@ -35,6 +50,7 @@ def ray_records(single: TwoStageIndex, items: np.ndarray, queries: np.ndarray, e
     make = stage.empty_copy   # every shard gets the single index's trained parts: the same partition and codes
     rq, timed, batch, k = queries[:len(exact)], queries[:cfg.queries], queries[:cfg.batch], cfg.k
     _, ref = _batched(lambda q: single.search(q, k, candidates), rq)
+    local_p50, local_qps = _latency_and_qps(lambda q: single.search(q, k, candidates), timed, batch)
     start_ray(num_cpus=max(cfg.workers))
     records = []
     for workers in cfg.workers:
@@ -49,18 +65,7 @@ def ray_records(single: TwoStageIndex, items: np.ndarray, queries: np.ndarray, e
                     return engine.search(q, k, candidates, rounds=rounds)
 
                 _, ids = _batched(search, rq)
-                search(timed[:1])
-                times = []
-                for q in timed:
-                    t = time.perf_counter()
-                    search(q[None])
-                    times.append(time.perf_counter() - t)
-                p50, p95 = _percentiles(times)
-                t, reps = time.perf_counter(), 0
-                while reps < 5 and (reps == 0 or time.perf_counter() - t < 1.0):
-                    search(batch)
-                    reps += 1
-                qps = round(reps * len(batch) / (time.perf_counter() - t), 1)
+                (p50, p95), qps = _latency_and_qps(search, timed, batch)
                 records.append({
                     **common, "method": f"{stage.name}+rerank C={candidates}", "engine": "ray", "workers": workers,
                     "shards": workers, "rounds": rounds, "candidates": candidates,
@@ -70,6 +75,7 @@ def ray_records(single: TwoStageIndex, items: np.ndarray, queries: np.ndarray, e
                     "single_process_recall_at_k": round(_overlap(ref, exact), 4),
                     "same_topk_as_single_process": round(float(np.mean(np.all(ids == ref, axis=1))), 4),
                     "p50_ms": p50, "p95_ms": p95, "batch_qps": qps, "build_s": round(build_s, 2),
+                    "single_process_p50_ms": local_p50[0], "single_process_batch_qps": local_qps,
                     "bytes_per_item": stage.bytes_per_item, "rerank_bytes_per_item": 2 * items.shape[1],
                     "shard_open_ms": [i["open_ms"] for i in engine.infos],
                     "label": f"ray x{workers} ({rounds}-round merge), N={common['N']:,} ({common['gallery']})"})
