@@ -11,7 +11,11 @@ A spec is one of
   embeddings of a captioned training gallery (``$MATCHER_TRAIN_GALLERY`` / ``--train-gallery``,
   default Flickr8k train) on first use and cached, or ITQ codes where no such gallery exists;
 - ``distilled:STUDENT from TEACHER``: the float spec ``STUDENT`` with projection heads distilled
-  from ``TEACHER``'s similarity matrices on that training gallery (``matcher.train.heads``).
+  from ``TEACHER``'s similarity matrices on that training gallery (``matcher.train.heads``);
+- ``index:DIR`` for an index directory written by ``python -m matcher index build``
+  (``matcher.search.store``; ``DIR`` relative to the current directory, like ``--out``): its items
+  are searched as stored (mmap, nothing re-encoded), its queries encoded by the encoder spec its
+  manifest records.
 
 ``parse_spec`` is the only place spec strings are read; ``KINDS`` the only dispatch on a config's
 type. Adding a tier is one ``Kind`` entry: how its queries are encoded (``base``), how it opens
@@ -77,6 +81,8 @@ def parse_spec(text: str) -> Spec:
             raise ValueError(f"write a distilled student as 'distilled:STUDENT from TEACHER' (got {text!r})")
         parse_spec(student), parse_spec(teacher)
         return Spec(text, "distilled", {"student": student.strip(), "teacher": teacher.strip()})
+    if text.startswith("index:"):
+        return _parse_index(text)
     if text.startswith("open_clip:"):
         model, _, pretrained = text[len("open_clip:"):].partition("@")
         return Spec(text, "open_clip", {"model": model, "pretrained": pretrained or None})
@@ -90,8 +96,30 @@ def parse_spec(text: str) -> Spec:
     if text.endswith(".pt"):
         return Spec(text, "checkpoint", {"checkpoint": text})
     raise ValueError(f"unknown model {text!r}: use a registered name ({', '.join(registry) or 'none'}), "
-                     "open_clip:MODEL@TAG, open_clip:MODEL@PATH, a .pt checkpoint path, hashed:SPEC or "
-                     "'distilled:STUDENT from TEACHER'")
+                     "open_clip:MODEL@TAG, open_clip:MODEL@PATH, a .pt checkpoint path, hashed:SPEC, "
+                     "'distilled:STUDENT from TEACHER' or index:DIR")
+
+
+def _parse_index(text: str) -> Spec:
+    """``index:DIR``. The directory is only looked at, not checked: a readable manifest gives the
+    spec of the encoder its queries need (``base``); a missing directory is reported by
+    ``missing_weights`` and a damaged or mismatched one when it is opened, each with its reason."""
+    from matcher.search.store import recorded_encoder_spec
+
+    directory = text[len("index:"):].strip()
+    if not directory:
+        raise ValueError("write an index directory as index:DIR, e.g. index:idx/photos (built by "
+                         "`python -m matcher index build --out DIR`)")
+    path = Path(directory).expanduser().absolute()
+    config = {"index": str(path)}
+    base = recorded_encoder_spec(path)
+    if base:
+        try:
+            parse_spec(base)  # the recorded encoder must be a spec this code reads
+        except ValueError as exc:
+            raise ValueError(f"index {path} records query encoder {base!r}, which cannot be read here: {exc}") from None
+        config["base"] = base
+    return Spec(text, "index", config)
 
 
 # -- encoders --------------------------------------------------------------------------------------
@@ -113,6 +141,16 @@ def _distilled(spec: Spec) -> Encoder:
     from matcher.train.heads import distil_student
 
     return distil_student(spec.text, cached_encoder(spec.config["student"]), cached_encoder(spec.config["teacher"]))
+
+
+def _index_encoder(spec: Spec) -> Encoder:
+    if "base" not in spec.config:   # the manifest could not be read, or records no encoder: say which
+        from matcher.search.store import StoreError, read_manifest
+
+        read_manifest(spec.path("index"))
+        raise StoreError(f"index {spec.config['index']} does not record the spec of its query encoder; search "
+                         "it with `python -m matcher index search DIR --model SPEC`, or rebuild it")
+    return cached_encoder(spec.base)
 
 
 def _base_encoder(spec: Spec) -> Encoder:
@@ -189,6 +227,15 @@ def _open_fine(spec: Spec, gallery: Gallery) -> Matcher:
                              int(spec.config.get("candidates", DEFAULT_CANDIDATES)), name=spec.text)
 
 
+def _open_index(spec: Spec, gallery: Gallery) -> Matcher:
+    """The index's own items, served over ``gallery`` (which must hold them: it supplies the image
+    files and captions). The directory is checked before any model loads."""
+    from matcher.search.store import IndexedMatcher, IndexStore
+
+    store = IndexStore.open(spec.path("index"))
+    return IndexedMatcher(store, _index_encoder(spec), name=spec.text, gallery=gallery)
+
+
 def open_matcher(text: str, gallery: Gallery) -> Matcher:
     """The matcher a spec names, serving ``gallery``."""
     spec = parse_spec(text)
@@ -199,8 +246,8 @@ def open_matcher(text: str, gallery: Gallery) -> Matcher:
 
 @dataclass(frozen=True)
 class Kind:
-    """What one kind of spec opens. ``report(role, spec, gallery, base_entry, open_matcher)`` returns
-    the evaluation rows of the matcher (``matcher.eval.rows``), given its base encoder's float row."""
+    """What one kind of spec opens. ``report(role, matcher, base_entry)`` returns the evaluation rows
+    of the opened matcher (``matcher.eval.rows``), given its base encoder's float row."""
 
     encoder: Callable[[Spec], Encoder]
     open: Callable[[Spec, Gallery], Matcher]
@@ -215,6 +262,7 @@ KINDS: dict[str, Kind] = {
     "hashed": Kind(_base_encoder, _open_hashed, report_rows.hashed_rows, ("heads",)),
     "fine-rerank": Kind(_base_encoder, _open_fine, report_rows.fine_rows, ("scorer",)),
     "distilled": Kind(_distilled, _open_distilled, report_rows.float_rows),
+    "index": Kind(_index_encoder, _open_index, report_rows.index_rows, ("index",)),
 }
 
 

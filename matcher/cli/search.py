@@ -37,7 +37,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     from matcher.registry import open_matcher
     from matcher.search.protocol import QueryError, SearchOptions
 
-    matcher = open_matcher(args.model, open_gallery_arg(args))
+    gallery = open_gallery_arg(args)
+    try:
+        matcher = open_matcher(args.model, gallery)
+    except (ValueError, FileNotFoundError) as exc:   # an unknown spec, missing weights, a damaged or foreign index
+        fail(exc)
     try:
         if args.image:
             result = matcher.search_image(load_rgb(args.image), SearchOptions(k=args.k))
@@ -58,8 +62,9 @@ def format_table(matchers: dict[str, dict]) -> str:
         ("matcher", "matcher", "<14"),
         ("t2i R@1", lambda m: m["t2i"]["R@1"], "8.1f"), ("R@5", lambda m: m["t2i"]["R@5"], "7.1f"),
         ("R@10", lambda m: m["t2i"]["R@10"], "7.1f"),
-        ("i2t R@1", lambda m: m["i2t"]["R@1"], "9.1f"), ("R@5", lambda m: m["i2t"]["R@5"], "7.1f"),
-        ("R@10", lambda m: m["i2t"]["R@10"], "7.1f"), ("rsum", "rsum", "8.1f"),
+        ("i2t R@1", lambda m: (m["i2t"] or {}).get("R@1"), "9.1f"),    # None: not measured (an index row)
+        ("R@5", lambda m: (m["i2t"] or {}).get("R@5"), "7.1f"), ("R@10", lambda m: (m["i2t"] or {}).get("R@10"), "7.1f"),
+        ("rsum", "rsum", "8.1f"),
         ("params", lambda m: f"{m['params'] / 1e6:.1f}M", ">9"), ("MB", "size_mb", "8.1f"),
         ("txt ms", "text_query_ms", "8.1f"), ("img/s", "images_per_s", "8.1f")])
 
@@ -68,9 +73,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from matcher.atomic import write_json
     from matcher.eval.report import build_report
 
+    from matcher.search.store import StoreError
+
     gallery = open_gallery_arg(args)
-    report = build_report(roles_arg(args), gallery, gallery_label=str(args.gallery), split=args.split,
-                          preset=args.preset, log=print)
+    try:
+        report = build_report(roles_arg(args), gallery, gallery_label=str(args.gallery), split=args.split,
+                              preset=args.preset, log=print)
+    except StoreError as exc:   # an index:DIR role that is damaged, mismatched or not of this gallery
+        fail(exc)
     print(format_table(report["matchers"]))
     if args.json:
         write_json(args.json, report)
@@ -90,7 +100,8 @@ def add_commands(sub) -> None:
     add_gallery(p)
     p.add_argument("query", nargs="?", default="")
     p.add_argument("--image", help="query image path instead of text")
-    p.add_argument("--model", default="offline-teacher", help="any spec: registered name, open_clip:..., .pt")
+    p.add_argument("--model", default="offline-teacher",
+                   help="any spec: registered name, open_clip:..., .pt, hashed:..., index:DIR (an index of --gallery)")
     p.add_argument("--k", type=int, default=10)
     p.set_defaults(func=cmd_search)
 

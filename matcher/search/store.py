@@ -334,6 +334,16 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def recorded_encoder_spec(path: str | Path) -> str | None:
+    """The spec of the encoder an index's queries need, as its manifest records it; None when the
+    manifest cannot be read (``IndexStore.open`` then says why) or records none."""
+    try:
+        spec = (read_manifest(Path(path)).get("encoder") or {}).get("spec")
+    except StoreError:
+        return None
+    return spec if isinstance(spec, str) and spec.strip() else None
+
+
 def check_files(path: Path, manifest: dict, full: bool = False) -> list[str]:
     problems = []
     for name, entry in manifest.get("files", {}).items():
@@ -354,6 +364,24 @@ def check_files(path: Path, manifest: dict, full: bool = False) -> list[str]:
     return problems
 
 
+def check_gallery(store: "IndexStore", gallery) -> None:
+    """Refuse to serve ``store`` over a gallery that does not hold its items: the gallery supplies
+    the files and captions of what the index returns, so every item must be one of its images."""
+    present = set(gallery.names)
+    missing = [name for name in store.names if name not in present]
+    if not missing:
+        return
+    built = store.manifest.get("gallery") or {}
+    if built.get("root"):
+        split = f" --split {built['split']}" if built.get("split") else ""
+        source, fix = f"images of {built['root']}", f"serve the gallery it was built from (--gallery {built['root']}{split})"
+    else:
+        source = f"vectors from {built.get('vectors', 'an unrecorded source')}"
+        fix = f"search it with `python -m matcher index search {store.path}`"
+    raise StoreError(f"index {store.path} holds {store.count} {source}; {len(missing)} of them are not in the gallery "
+                     f"being served ({gallery.root}, {len(gallery)} images; first missing: {missing[0]!r}): {fix}")
+
+
 def check_encoder(manifest: dict, encoder, path: Path) -> None:
     built = manifest.get("encoder") or {}
     if built.get("fingerprint") and built["fingerprint"] != encoder.fingerprint():
@@ -372,14 +400,20 @@ class IndexedMatcher:
     ``options.candidates`` is the shortlist C; left at ``SearchOptions``' default (100, sized for the
     1000-photo gallery) it becomes ``default_candidates`` (2000: recall >= 0.99 at 1M items on both
     benchmark galleries, docs/scale.md). ``options.bits`` is fixed by the index.
+    ``gallery``: the gallery it is served over (``index:DIR`` in the registry: the page's, the
+    command's), which must hold every item (``check_gallery``); without one, a gallery of the items
+    under the root the manifest records, without captions.
     """
 
-    def __init__(self, store: IndexStore, encoder, name: str | None = None, default_candidates: int = 2000):
+    def __init__(self, store: IndexStore, encoder, name: str | None = None, default_candidates: int = 2000,
+                 gallery=None):
         check_encoder(store.manifest, encoder, store.path)
+        if gallery is not None:
+            check_gallery(store, gallery)
         self.store, self.encoder = store, encoder
         self.name = name or f"index:{store.path.name}"
         self.default_candidates = default_candidates
-        self._gallery = self._embeddings = None
+        self._gallery, self._embeddings = gallery, None
 
     @property
     def gallery(self):
