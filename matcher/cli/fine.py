@@ -93,6 +93,83 @@ def cmd_train_cross(args: argparse.Namespace) -> None:
     print(f"saved {out / name}.pt and {out / name}-decomposed.pt")
 
 
+def _resume_file(out: Path) -> Path:
+    """Where a long training keeps its state until it finishes: runs/ (git-ignored), not beside the
+    checkpoints, so ``eval-fine`` never mistakes it for a trained tier. Rerunning the same command resumes."""
+    return Path("runs") / f"{out.stem}.resume.pt"
+
+
+def vl_cross_splits(data: str, teacher: str, splits=("train", "val", "test")):
+    """(teacher module, image head, text head, logit scale, {split: CrossSplit}) from the caches."""
+    from matcher.finegrained.checkpoints import teacher_heads
+    from matcher.finegrained.features import fine_features
+    from matcher.finegrained.vl_cross import CrossSplit
+    from matcher.models.dual_encoder import load_checkpoint
+    from matcher.train.features import Flickr8k, cached_text_features
+
+    flickr = Flickr8k.load(data)
+    module = load_checkpoint(teacher).module.eval()
+    image_head, text_head, scale = teacher_heads(module)
+    feats = fine_features(flickr, teacher)
+    lower = cached_text_features(flickr, module.text_tower.trainable_layers)
+    out = {s: CrossSplit.build(feats[s], lower[f"{s}_tokens"], lower[f"{s}_offsets"], image_head, text_head)
+           for s in splits}
+    return module, image_head, text_head, scale, out
+
+
+def cmd_train_vl_cross(args: argparse.Namespace) -> None:
+    """The cross-encoder on the teacher's top MiniLM layers, trained on dual hard negatives (resumable)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from matcher.cli.train import recipe_arg
+    from matcher.finegrained.cross_train import VLCrossRecipe, train_vl_cross
+    from matcher.finegrained.vl_cross import build_vl_cross, save_vl_cross
+
+    recipe = recipe_arg(VLCrossRecipe, args)
+    _threads(args.threads)
+    module, image_head, text_head, scale, splits = vl_cross_splits(args.data, args.teacher, ("train", "val"))
+    torch.manual_seed(recipe.seed)
+    model = build_vl_cross(module, image_head, text_head, scale if recipe.residual else 0.0, recipe.grid)
+    out = Path(args.out)
+    resume = _resume_file(out)
+    result = train_vl_cross(model, splits["train"], splits["val"], recipe, resume=resume,
+                            log=lambda line: print(line, flush=True))
+    save_vl_cross(out, model, "vl-cross", {**asdict(recipe), "teacher": args.teacher}, {"val": result["val"],
+                                                                              "best_step": result["best_step"]})
+    write_json(out.with_suffix(".train.json"), {"recipe": asdict(recipe), "vl_cross": result})
+    resume.unlink(missing_ok=True)
+    print(f"saved {out} (best step {result['best_step']}, val rsum {result['val']['rsum']:.2f})")
+
+
+def cmd_train_vl_decomposed(args: argparse.Namespace) -> None:
+    """VLDeformer-style decomposition of a trained vl-cross checkpoint (its correction over the dual cosine)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from matcher.cli.train import recipe_arg
+    from matcher.finegrained.cross_train import VLDecompRecipe, train_vl_decomposed
+    from matcher.finegrained.vl_cross import VLDecomposed, load_vl_cross, save_vl_cross
+
+    recipe = recipe_arg(VLDecompRecipe, args)
+    _threads(args.threads)
+    module, _, _, _, splits = vl_cross_splits(args.data, args.teacher, ("train", "val"))
+    cross, cross_recipe, _ = load_vl_cross(args.cross, module)
+    torch.manual_seed(recipe.seed)
+    decomposed = VLDecomposed(cross)
+    out = Path(args.out)
+    resume = _resume_file(out)
+    result = train_vl_decomposed(decomposed, cross, splits["train"], splits["val"], recipe, resume=resume,
+                                 log=lambda line: print(line, flush=True))
+    save_vl_cross(out, decomposed, "vl-decomposed", {**asdict(recipe), "cross": args.cross, "cross_recipe": cross_recipe},
+               {"val": result["val"], "best_step": result["best_step"]})
+    write_json(out.with_suffix(".train.json"), {"recipe": asdict(recipe), "cross": args.cross, "vl_decomposed": result})
+    resume.unlink(missing_ok=True)
+    print(f"saved {out} (best step {result['best_step']}, val rsum {result['val']['rsum']:.2f})")
+
+
 def cmd_eval_fine(args: argparse.Namespace) -> None:
     from matcher.finegrained.report import run_eval
 
@@ -124,6 +201,21 @@ def add_commands(sub) -> None:
     p.add_argument("--out-dir", dest="out_dir", default="assets/models/fine")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_train_cross)
+
+    p = _parser(sub, "train-vl-cross", default_data,
+                help="train the cross-encoder on the teacher's top MiniLM layers (regions appended to the words)")
+    add_recipe_options(p, "vl-cross")
+    p.add_argument("--out", default="assets/models/fine/vl-cross.pt")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_train_vl_cross)
+
+    p = _parser(sub, "train-vl-decomposed", default_data,
+                help="decompose a trained vl-cross into a dual encoder (VLDeformer), distilled from its scores")
+    add_recipe_options(p, "vl-decomposed")
+    p.add_argument("--cross", default="assets/models/fine/vl-cross.pt", help="the trained vl-cross checkpoint")
+    p.add_argument("--out", default="assets/models/fine/vl-decomposed.pt")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_train_vl_decomposed)
 
     p = _parser(sub, "eval-fine", default_data, help="val/test recall and costs of every fine tier vs the dual teacher")
     p.add_argument("--models", default="assets/models/fine", help="folder of trained fine scorers")

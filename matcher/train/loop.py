@@ -14,6 +14,7 @@ validation and the fields of an entry. Seeding happens before the modules are bu
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -91,7 +92,7 @@ def fit(module: nn.Module, optimiser: Optimiser, step: Callable[[Any], torch.Ten
         batches: Callable[[int], Iterable[Any]], evaluate: Callable[[Round], dict | None], *, rounds: int,
         steps_per_round: int | None = None, best: BestOnVal | None = None,
         train_mode: Callable[[nn.Module], None] = nn.Module.train, progress: str | None = None,
-        log: Callable[[dict], None] | None = None) -> BestOnVal:
+        log: Callable[[dict], None] | None = None, resume: "Resume | None" = None) -> BestOnVal:
     """Train ``module`` for ``rounds`` rounds, keep the best validated entry and restore its weights.
 
     ``step(batch)`` returns the batch's loss, or (loss, {part: float}) to have named parts averaged
@@ -103,8 +104,10 @@ def fit(module: nn.Module, optimiser: Optimiser, step: Callable[[Any], torch.Ten
     best = BestOnVal(module) if best is None else best
     optimizer, scheduler = optimiser.build()
     losses: list[float] = []
-    began = time.time()
-    for index in range(1, rounds + 1):
+    began, first = time.time(), 1
+    if resume is not None:
+        first, losses = resume.load(module, optimizer, scheduler, best)
+    for index in range(first, rounds + 1):
         train_mode(module)
         started, steps, sums = time.time(), 0, {}
         for batch in tqdm(batches(index), desc=f"{progress} {index}", total=steps_per_round, leave=False,
@@ -124,6 +127,45 @@ def fit(module: nn.Module, optimiser: Optimiser, step: Callable[[Any], torch.Ten
             best.record(entry)
             if log is not None:
                 log(entry)
+            if resume is not None:
+                resume.save(index, losses, module, optimizer, scheduler, best)
     if best.best is not None:
         best.restore()
     return best
+
+
+@dataclass
+class Resume:
+    """A long run's state on disk (``path``), written atomically after each validated round.
+
+    Holds the weights, the optimiser and schedule, the losses, the selection (history, best entry
+    and best weights) and the random generators (torch's and the trainer's batch generator ``rng``),
+    so a run killed after round r continues at round r + 1 and draws the batches it would have drawn.
+    A file from another run (other rounds or module) fails to load with torch's message.
+    """
+
+    path: Path
+    rng: np.random.Generator | None = None
+
+    def load(self, module, optimizer, scheduler, best: BestOnVal) -> tuple[int, list[float]]:
+        if not Path(self.path).exists():
+            return 1, []
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        best.history, best.best, best._state = state["history"], state["best"], state["best_state"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.rng is not None:
+            self.rng.bit_generator.state = state["rng"]
+        return state["round"] + 1, list(state["losses"])
+
+    def save(self, index: int, losses: list[float], module, optimizer, scheduler, best: BestOnVal) -> None:
+        from matcher.atomic import atomic_path
+
+        state = {"round": index, "losses": losses, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "history": best.history, "best": best.best,
+                 "best_state": best._state, "torch_rng": torch.get_rng_state(),
+                 "rng": None if self.rng is None else self.rng.bit_generator.state}
+        with atomic_path(Path(self.path)) as tmp:
+            torch.save(state, tmp)
