@@ -73,8 +73,15 @@ def cmd_ablate_student(args: argparse.Namespace) -> None:
     _threads(args.threads)
     variants = [v.strip() for v in args.losses.split(",") if v.strip()]
     command = "python -m matcher " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else ""
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            fail(f"--seeds takes comma-separated integers such as 0,1,2, not {args.seeds!r}")
     result = run_ablation(args.data, args.work_dir, recipe, variants, args.results,
-                          args.gallery, args.split, command, resume=args.resume)
+                          args.gallery, args.split, command, resume=args.resume, seeds=seeds,
+                          costs=not args.no_costs)
     print(f"wrote {args.results} and {Path(args.results).with_suffix('.csv')}; best on val: {result['best']['loss']}")
     if args.install:
         shutil.copy(result["best"]["checkpoint"], args.install)
@@ -111,4 +118,9 @@ def add_commands(sub) -> None:
     p.add_argument("--install", help="copy the best-on-val checkpoint here (e.g. assets/models/offline-student.pt)")
     p.add_argument("--resume", action="store_true",
                    help="keep the variants an interrupted run of the same ablation already finished (--results, --work-dir)")
+    p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): every loss once per seed, with the per-loss "
+                                   "mean, min..max and std of val and test rsum; best loss = best mean val rsum")
+    p.add_argument("--no-costs", action="store_true",
+                   help="skip the cost measurement of the best checkpoint (e.g. in one of several processes "
+                        "sharing --work-dir; a final --resume run measures it)")
     p.set_defaults(func=cmd_ablate_student)

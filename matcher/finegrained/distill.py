@@ -9,6 +9,15 @@ Scale: the logit losses multiply the teacher matrix by a teacher scale. Alignmen
 their own spread, so ``scale`` is calibrated once so that the alignment logits' mean per-row
 standard deviation equals the dual teacher's (logit scale x cosine) on sample train batches:
 the same "sharpness" of targets, only the ranking information differs.
+
+Fused: ``teacher_scores="fused:PATH@LAMBDA"`` distils the fused re-ranker's score instead,
+``F = t_img @ t_txt.T + LAMBDA * alignment(PATH)`` -- the dual teacher's cosine plus LAMBDA times the
+raw alignment score, exactly the score ``rerank_metrics(fuse=LAMBDA)`` ranks a shortlist by (e.g.
+``fused:assets/models/fine/alignment-sum.pt@0.0625``, the best non-N-to-N tier in
+docs/finegrained.md). It is in the dual teacher's cosine units, so its logits use the dual
+teacher's own logit scale (no calibration): ``s * F = dual logits + LAMBDA * (s * alignment)``, and
+LAMBDA = 0 gives the dual teacher's matrix and scale exactly. Unlike the re-ranker, which fuses
+only the top-C shortlist, every in-batch pair gets the fused score.
 """
 from __future__ import annotations
 
@@ -21,6 +30,67 @@ from matcher.finegrained.checkpoints import load_scorer, teacher_heads
 from matcher.finegrained.features import FineSplit, fine_features
 from matcher.finegrained.scorers import max_sum
 from matcher.train.features import Flickr8k
+
+
+DUAL = "dual"
+FUSED_PREFIX = "fused:"
+
+
+def parse_teacher_scores(spec: str) -> tuple[str, str | None, float]:
+    """``"dual"`` -> ("dual", None, 0); ``"fused:PATH@LAMBDA"`` -> ("fused", PATH, LAMBDA);
+    anything else is an alignment scorer's path -> ("alignment", PATH, 0). Raises ValueError on a
+    fused spec without a path or a numeric LAMBDA >= 0."""
+    if spec == DUAL:
+        return DUAL, None, 0.0
+    if spec.startswith(FUSED_PREFIX):
+        path, sep, weight = spec[len(FUSED_PREFIX):].rpartition("@")
+        try:
+            lam = float(weight)
+        except ValueError:
+            lam = float("nan")
+        if not sep or not path or not lam >= 0:
+            raise ValueError(f"teacher_scores {spec!r}: write fused:PATH@LAMBDA, e.g. "
+                             f"fused:assets/models/fine/alignment-sum.pt@0.0625 (LAMBDA >= 0)")
+        return "fused", path, lam
+    return "alignment", spec, 0.0
+
+
+class TeacherScores:
+    """The per-batch teacher matrix the student distils, and the scale that turns it into logits.
+
+    ``kind`` as ``parse_teacher_scores`` returns it; ``alignment`` is anything with
+    ``batch(rows, captions) -> [B, B]`` (an ``AlignmentTargets``), unused for "dual".
+    ``dual_scale`` is the dual teacher's logit scale; for "alignment" the scale is the alignment
+    targets' calibrated one (``AlignmentTargets.calibrate``).
+    """
+
+    def __init__(self, kind: str, dual_scale: float, alignment=None, weight: float = 0.0):
+        if kind != DUAL and alignment is None:
+            raise ValueError(f"teacher scores {kind!r} need an alignment scorer")
+        self.kind, self.alignment, self.weight = kind, alignment, weight
+        self.scale = float(alignment.scale) if kind == "alignment" else float(dual_scale)
+
+    def batch(self, rows: np.ndarray, captions: np.ndarray, t_img: torch.Tensor, t_txt: torch.Tensor) -> torch.Tensor:
+        """[B, B] teacher matrix of the batch: rows = images (``t_img`` [B, D]), columns = captions."""
+        if self.kind == "alignment":
+            return self.alignment.batch(rows, captions)
+        dual = t_img @ t_txt.T
+        if self.kind == DUAL:
+            return dual
+        return dual + self.weight * self.alignment.batch(rows, captions)
+
+
+def teacher_scores(spec: str, data: Flickr8k, teacher: str | Path, t_images: torch.Tensor, t_texts: torch.Tensor,
+                   dual_scale: float, batch_size: int, seed: int = 0) -> TeacherScores:
+    """The ``TeacherScores`` a recipe's ``teacher_scores`` field names (alignment scorer loaded and,
+    for the pure alignment matrix, its scale calibrated on train batches)."""
+    kind, path, weight = parse_teacher_scores(spec)
+    if kind == DUAL:
+        return TeacherScores(DUAL, dual_scale)
+    alignment = AlignmentTargets(data, teacher, path)
+    if kind == "alignment":
+        alignment.calibrate(t_images, t_texts, batch_size, seed=seed)
+    return TeacherScores(kind, dual_scale, alignment, weight)
 
 
 class AlignmentTargets:

@@ -287,3 +287,71 @@ class DistillationObjective(nn.Module):
                 parts[self.name] = self.loss(cos_student, cos_teacher.detach())
         total = self.contrastive_weight * parts.get("contrastive", 0.0) + self.distill_weight * parts.get(self.name, 0.0)
         return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def double_centre(s: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """J S J / rms(J S J) with J = I - 11^T / n on each side: removes every row's and every column's
+    mean (per-image and per-caption biases) and the global scale; an all-equal matrix maps to 0."""
+    s = s - s.mean(dim=1, keepdim=True)
+    s = s - s.mean(dim=0, keepdim=True)
+    return s / (s.pow(2).mean() + eps).sqrt()
+
+
+class SharedWhitenedSimilarityLoss(nn.Module):
+    """WSD re-derived from the method's description: two whitening-like transformations in an
+    orthogonal space shared by the teacher's and the student's matrices (``wsd-shared``).
+
+    ``wsd`` whitens each matrix in its *own* eigenbasis with its *own* covariance, so (as eps -> 0)
+    both are mapped to their orthogonal polar factors and what is compared is mostly lost: the
+    teacher's singular spectrum, and the pairing of directions across the two matrices. Here both
+    matrices go through the same two maps, built from the teacher only (constants, no gradient):
+
+        T~ = centred(T) = U diag(sigma) V^T                 (SVD of the double-centred teacher)
+        w_k = (sigma_k + eps * mean(sigma))^(-1/2)          (0 for sigma_k <= 1e-6 sigma_max)
+        left  (image side): A = diag(w) U^T,   right (text side): B = V diag(w)
+        W(X) = A centred(X) B                              (W(T) = diag(sigma / (sigma + eps mean)))
+        L = ||W(S) - W(T)||_F^2 / ||W(T)||_F^2
+
+    i.e. the student's matrix is expressed in the teacher's singular basis (U for images, V for
+    captions: the orthogonal space shared by both) and each side is rescaled by sigma^(-1/2), so the
+    teacher becomes (nearly) the identity: every direction of the teacher's similarity structure
+    weighs about the same, instead of the few dominant directions that a plain MSE on the raw
+    matrix is spent on. ``eps`` (relative to the mean singular value) bounds the up-weighting of
+    near-null directions; eps -> infinity is an MSE of the double-centred matrices.
+
+    Exactly invariant to: a positive scale of S, any per-row and per-column shift of S (biases,
+    "hubness"), and a re-ordering of the batch (the same permutation of rows, and of columns, of
+    S and T). 0 when S is a positive multiple of T up to such shifts. Like ``wsd`` it ignores the
+    temperature, so it is mixed with the contrastive loss.
+    """
+
+    inputs = "cosine"
+
+    def __init__(self, eps: float = 0.5, rank_tol: float = 1e-6):
+        super().__init__()
+        self.eps, self.rank_tol = eps, rank_tol
+
+    def transforms(self, sim_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the teacher matrix: W(X) = A @ double_centre(X) @ B."""
+        with torch.no_grad():
+            u, sigma, vh = torch.linalg.svd(double_centre(sim_teacher.detach().double()))
+            keep = sigma > self.rank_tol * sigma.max().clamp(min=1e-30)
+            w = torch.where(keep, (sigma + self.eps * sigma[keep].mean()).rsqrt(), torch.zeros_like(sigma))
+            w = torch.nan_to_num(w, nan=0.0, posinf=0.0)
+            a, b = (w[:, None] * u.T), (vh.T * w[None, :])
+        return a.to(sim_teacher.dtype), b.to(sim_teacher.dtype)
+
+    def whiten(self, s: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ double_centre(s) @ b
+
+    def forward(self, sim_student: torch.Tensor, sim_teacher: torch.Tensor) -> torch.Tensor:
+        a, b = self.transforms(sim_teacher)
+        target = self.whiten(sim_teacher.detach(), a, b)
+        denom = target.pow(2).sum()
+        if float(denom) == 0.0:  # an all-equal teacher matrix: nothing to distil
+            return sim_student.sum() * 0.0
+        return (self.whiten(sim_student, a, b) - target).pow(2).sum() / denom
+
+
+LOSSES["wsd-shared"] = SharedWhitenedSimilarityLoss
+DISTILLATION_LOSSES = (*DISTILLATION_LOSSES, "wsd-shared")

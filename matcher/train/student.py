@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from matcher.atomic import atomic_path
+from matcher.atomic import atomic_path, write_json
 from matcher.eval.metrics import retrieval_metrics
 from matcher.models.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
 from matcher.models.student_towers import caption_vocabulary, init_from_minilm
@@ -70,8 +70,9 @@ class StudentRecipe:
     weight_decay: float = 0.05
     seed: int = 0
     teacher: str = DEFAULT_TEACHER
-    # "dual": the teacher matrix is t_img @ t_txt.T (default); otherwise the path of a trained
-    # alignment scorer (matcher.finegrained) whose per-batch alignment scores are distilled instead.
+    # "dual": the teacher matrix is t_img @ t_txt.T (default); the path of a trained alignment scorer
+    # (matcher.finegrained): its per-batch alignment scores are distilled instead; "fused:PATH@LAMBDA":
+    # the fused re-ranker's score t_img @ t_txt.T + LAMBDA * alignment (matcher.finegrained.distill).
     teacher_scores: str = "dual"
     # Diagnostic only (bench/student_sides.py): "text" or "image" replaces that student tower by the
     # teacher's fixed embeddings, so the other tower is trained and scored against the teacher's. It
@@ -194,13 +195,16 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
         t_images = torch.from_numpy(targets["train_images"].astype(np.float32))
         t_texts = torch.from_numpy(targets["train_texts"].astype(np.float32))
         teacher_scale = float(targets["logit_scale"])
-    fine = None
-    if needs_teacher and recipe.teacher_scores != "dual":
-        from matcher.finegrained.distill import AlignmentTargets
+    scores = None
+    if needs_teacher:
+        from matcher.finegrained.distill import teacher_scores
 
-        fine = AlignmentTargets(data, recipe.teacher, recipe.teacher_scores)
-        teacher_scale = fine.calibrate(t_images, t_texts, recipe.batch_size, seed=recipe.seed)
-        print(f"alignment teacher scores, calibrated scale {teacher_scale:.2f}", flush=True)
+        scores = teacher_scores(recipe.teacher_scores, data, recipe.teacher, t_images, t_texts, teacher_scale,
+                                recipe.batch_size, seed=recipe.seed)
+        if scores.kind != "dual":
+            teacher_scale = scores.scale
+            print(f"teacher scores {recipe.teacher_scores} ({scores.kind}), teacher scale {teacher_scale:.2f}",
+                  flush=True)
 
     module, vocab_info = build_student(recipe, data)
     image_feats = cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks,
@@ -216,7 +220,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
     if image_tower_params:
         groups.append({"params": image_tower_params, "lr": recipe.tower_lr})
     steps_per_epoch = recipe.caption_passes * (len(train) // recipe.batch_size)
-    kwargs = {"eps": recipe.wsd_eps} if recipe.loss == "wsd" else {}
+    kwargs = {"eps": recipe.wsd_eps} if recipe.loss in ("wsd", "wsd-shared") else {}
     objective = DistillationObjective(recipe.loss, recipe.contrastive_weight, recipe.distill_weight, **kwargs)
     embed_loss = EmbeddingDistillationLoss()
 
@@ -231,7 +235,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
             t_img = t_images[torch.from_numpy(rows), torch.from_numpy(views)]
             t_txt = t_texts[torch.from_numpy(captions)]
             img, txt = _with_teacher_side(recipe.teacher_side, img, txt, t_img, t_txt)
-            sim_t = t_img @ t_txt.T if fine is None else fine.batch(rows, captions)
+            sim_t = scores.batch(rows, captions, t_img, t_txt)
             loss, parts = objective(img @ txt.T, sim_t, scale, teacher_scale)
         else:
             loss, parts = objective(img @ txt.T, None, scale)
@@ -268,7 +272,7 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
 
 # -- ablation -----------------------------------------------------------------------------------
 
-ABLATION_COLUMNS = ["loss", "contrastive_weight", "distill_weight", "embed_weight", "best_epoch", "val_rsum",
+ABLATION_COLUMNS = ["loss", "seed", "contrastive_weight", "distill_weight", "embed_weight", "best_epoch", "val_rsum",
                     "test_rsum", "t2i_R@1", "i2t_R@1", "params", "size_mb", "text_query_ms", "images_per_s",
                     "rsum_vs_teacher", "params_ratio", "text_speedup", "image_speedup", "train_seconds"]
 
@@ -279,7 +283,7 @@ def ablation_row(name: str, recipe: StudentRecipe, trained: dict, result: dict, 
         return round(a / b, 2) if a == a and b == b and b else None  # NaN / 0 -> not measured yet
 
     return {
-        "loss": name, "contrastive_weight": recipe.contrastive_weight,
+        "loss": name, "seed": recipe.seed, "contrastive_weight": recipe.contrastive_weight,
         "distill_weight": 0.0 if recipe.loss == "contrastive" else recipe.distill_weight,
         "embed_weight": recipe.embed_weight, "best_epoch": trained["best_epoch"],
         "val_rsum": round(trained["val"]["rsum"], 1), "test_rsum": round(result["rsum"], 1),
@@ -295,18 +299,22 @@ def ablation_row(name: str, recipe: StudentRecipe, trained: dict, result: dict, 
     }
 
 
-def write_ablation(path_json: str | Path, rows: list[dict], header: dict) -> None:
-    """The table as JSON (with the command, machine and teacher numbers) and as CSV, atomically."""
+def write_ablation(path_json: str | Path, rows: list[dict], header: dict, summary: list[dict] | None = None) -> None:
+    """The table as JSON (with the command, machine and teacher numbers) and as CSV, atomically.
+
+    ``summary`` (per-loss statistics over seeds, ``seed_summary``) goes into the JSON as
+    ``summary`` and into the CSV as one row per loss after the records, with ``seed`` = "all"."""
     import csv
     import io
 
-    from matcher.atomic import write_json
-
-    write_json(path_json, {**header, "records": rows})
+    write_json(path_json, {**header, "records": rows, **({"summary": summary} if summary else {})})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=ABLATION_COLUMNS)
+    extra = [k for k in (summary[0] if summary else {}) if k not in ABLATION_COLUMNS]
+    writer = csv.DictWriter(buf, fieldnames=ABLATION_COLUMNS + extra)
     writer.writeheader()
     writer.writerows(rows)
+    for entry in summary or []:
+        writer.writerow({**entry, "seed": "all"})
     with atomic_path(Path(path_json).with_suffix(".csv")) as tmp:
         tmp.write_text(buf.getvalue())
 
@@ -344,67 +352,141 @@ def _finished_variants(results: Path, base: StudentRecipe, out_dir: Path) -> dic
     return done
 
 
-def _variant_checkpoint(out_dir: Path, name: str) -> Path:
-    return Path(out_dir) / f"student-{name.replace(':', '-c').replace('+', '-')}.pt"
+def _variant_checkpoint(out_dir: Path, name: str, seed: int | None = None) -> Path:
+    suffix = "" if seed is None else f"-s{seed}"
+    return Path(out_dir) / f"student-{name.replace(':', '-c').replace('+', '-')}{suffix}.pt"
+
+
+def _run_record(ckpt: Path) -> Path:
+    return ckpt.with_suffix(".run.json")
+
+
+def _finished_run(ckpt: Path, recipe: StudentRecipe) -> tuple[dict, dict] | None:
+    """(trained, result) of a finished (variant, seed) run: its record beside the checkpoint, if the
+    checkpoint is still there and the record's recipe is this one (fields added since: defaults)."""
+    record = _run_record(ckpt)
+    if not (ckpt.exists() and record.exists()):
+        return None
+    done = json.loads(record.read_text())
+    if {**asdict(StudentRecipe()), **done.get("recipe", {})} != asdict(recipe):
+        return None
+    return done["trained"], done["result"]
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Per loss (in first-seen order): number of seeds, mean, min, max and sample std (ddof 1; 0
+    for one seed) of val and test rsum over its rows."""
+    out = []
+    for loss in dict.fromkeys(r["loss"] for r in rows):
+        mine = [r for r in rows if r["loss"] == loss]
+        entry = {"loss": loss, "seeds": len(mine)}
+        for key in ("val_rsum", "test_rsum"):
+            v = np.array([r[key] for r in mine], dtype=np.float64)
+            entry.update({f"{key}_mean": round(float(v.mean()), 2), f"{key}_min": float(v.min()),
+                          f"{key}_max": float(v.max()),
+                          f"{key}_std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 2)})
+        entry["val_rsum"], entry["test_rsum"] = entry["val_rsum_mean"], entry["test_rsum_mean"]
+        out.append(entry)
+    return out
 
 
 def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe, variants: list[str],
                  results: str | Path, gallery_path: str | Path, split: str = "test", command: str = "",
-                 resume: bool = False) -> dict:
-    """Train every variant with the same recipe/budget/seed; tabulate recall, costs and teacher ratios.
+                 resume: bool = False, seeds: list[int] | None = None, costs: bool = True) -> dict:
+    """Train every variant with the same recipe/budget (and seed, or each of ``seeds``); tabulate
+    recall, costs and teacher ratios.
 
     Every variant has the same architecture, so costs (params, text-query latency, image throughput)
     are measured once, with ``measure_encoders`` (the code path of ``python -m matcher eval``) on
-    the checkpoint that is best on val; the teacher gets the same treatment. Per-variant test recall
+    the checkpoint that is best on val; the teacher gets the same treatment (``costs=False``
+    skips this, e.g. for one of several processes sharing the runs). Per-variant test recall
     comes from the cached test trunk features (float16 cache, same weights); the best variant's
     full-pipeline test recall is stored in the header next to it. The table is rewritten after
-    every variant so a long run can be watched. ``resume`` reuses the variants an interrupted run of
+    every variant so a long run can be watched. ``resume`` reuses the runs an interrupted run of
     the same ablation (same base recipe, checkpoint still in ``out_dir``) already finished.
+
+    With ``seeds``, each variant is trained once per seed (``recipe.seed``; checkpoints
+    ``student-NAME-sSEED.pt``, each with a ``.run.json`` record that ``resume`` reuses, so several
+    processes can share ``out_dir``), the rows carry their seed, and the per-loss mean, min..max
+    and std of val and test rsum are written as ``summary`` (``seed_summary``). The best variant
+    is the one with the highest *mean* val rsum; its checkpoint the seed best on val.
     """
     from matcher.eval.costs import machine_description, measure_encoders
     from matcher.data.gallery import open_gallery
 
     data = Flickr8k.load(data_root)
+    multi = seeds is not None
+    seeds = list(seeds) if multi else [base.seed]
     header = {"command": command, "split": split, "machine": machine_description(),
               "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "seed": base.seed},
               "recipe": asdict(base),
               "note": "test recall per row from cached trunk features; costs measured once (same architecture) "
                       "on the best-on-val checkpoint with matcher.eval.costs.measure_encoders, timed with the teacher"}
-    finished = _finished_variants(Path(results), base, Path(out_dir)) if resume else {}
+    if multi:
+        header["budget"]["seeds"] = seeds
+    finished = _finished_variants(Path(results), base, Path(out_dir)) if resume and not multi else {}
     rows, trained_runs = [], []
     pending = {"rsum": float("nan"), "params": 0, "text_query_ms": float("nan"), "images_per_s": float("nan")}
-    for spec in variants:
-        name, changes = parse_variant(spec)
-        recipe = replace(base, **changes)
-        ckpt = _variant_checkpoint(out_dir, name)
-        if name in finished:
-            trained, tested = finished[name]
-            costs = {k: pending[k] for k in ("params", "text_query_ms", "images_per_s")}
-            trained_runs.append((name, recipe, trained, {**tested, **costs, "size_mb": float("nan")}, ckpt))
-            print(f"[{name}] resumed: val rsum {trained['val']['rsum']:.1f}  {split} rsum {tested['rsum']:.1f}", flush=True)
-            continue
-        trained = train_student(data_root, ckpt, recipe, progress=False)
-        module = load_checkpoint(ckpt).module
-        test = CachedSplit.from_features(
-            cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks,
-                                        recipe.skipped_blocks(), recipe.crop_views),
-            caption_id_features(data, module), split)
-        result = {**cached_metrics(module, test), **{k: pending[k] for k in ("params", "text_query_ms", "images_per_s")},
-                  "size_mb": float("nan")}
-        trained_runs.append((name, recipe, trained, result, ckpt))
-        print(f"[{name}] val rsum {trained['val']['rsum']:.1f}  {split} rsum {result['rsum']:.1f}", flush=True)
-        rows = [ablation_row(n, r, t, res, pending) for n, r, t, res, _ in trained_runs]
-        write_ablation(results, rows, header)
+    no_costs = {k: pending[k] for k in ("params", "text_query_ms", "images_per_s")}
 
+    def table(runs, teacher, measured=None):
+        out = [ablation_row(n, r, t, {**res, **(measured or {})}, teacher) for n, r, t, res, _ in runs]
+        return out, (seed_summary(out) if multi else None)
+
+    for seed in seeds:  # seed-major: every variant has a first seed before any has a second
+        for spec in variants:
+            name, changes = parse_variant(spec)
+            recipe = replace(base, **changes, **({"seed": seed} if multi else {}))
+            ckpt = _variant_checkpoint(out_dir, name, seed if multi else None)
+            earlier = finished.get(name) or (_finished_run(ckpt, recipe) if resume else None)
+            if earlier:
+                trained, tested = earlier
+                trained_runs.append((name, recipe, trained, {**tested, **no_costs, "size_mb": float("nan")}, ckpt))
+                print(f"[{name} seed {recipe.seed}] resumed: val rsum {trained['val']['rsum']:.1f}  "
+                      f"{split} rsum {tested['rsum']:.1f}", flush=True)
+                continue
+            trained = train_student(data_root, ckpt, recipe, progress=False)
+            module = load_checkpoint(ckpt).module
+            test = CachedSplit.from_features(
+                cached_image_features(data, recipe.image_variant, recipe.image_size, recipe.cached_blocks,
+                                      recipe.skipped_blocks(), recipe.crop_views),
+                caption_id_features(data, module), split)
+            tested = cached_metrics(module, test)
+            write_json(_run_record(ckpt), {
+                "recipe": asdict(recipe),
+                "trained": {"best_epoch": trained["best_epoch"], "val": {"rsum": trained["val"]["rsum"]},
+                            "history": [{"seconds": h["seconds"]} for h in trained["history"]]},
+                "result": {"rsum": tested["rsum"], "t2i": {"R@1": tested["t2i"]["R@1"]},
+                           "i2t": {"R@1": tested["i2t"]["R@1"]}}})
+            trained_runs.append((name, recipe, trained, {**tested, **no_costs, "size_mb": float("nan")}, ckpt))
+            print(f"[{name} seed {recipe.seed}] val rsum {trained['val']['rsum']:.1f}  {split} rsum "
+                  f"{tested['rsum']:.1f}", flush=True)
+            rows, summary = table(trained_runs, pending)
+            write_ablation(results, rows, header, summary)
+
+    if multi:  # the best loss by mean val rsum, then its seed best on val (never test)
+        means = {e["loss"]: e["val_rsum_mean"] for e in seed_summary(table(trained_runs, pending)[0])}
+        best_loss = max(means, key=means.get)
+        best_run = max((r for r in trained_runs if r[0] == best_loss), key=lambda r: r[2]["val"]["rsum"])
+    else:
+        best_run = max(trained_runs, key=lambda r: r[2]["val"]["rsum"])  # val, never test
+    best_name, best_recipe, _, _, best_ckpt = best_run
+    header.update(best_on_val=best_name, best_checkpoint=str(best_ckpt))
+    if multi:
+        header["best_seed"] = best_recipe.seed
+    if not costs:
+        header["note"] = "test recall per row from cached trunk features; costs not measured (--no-costs)"
+        rows, summary = table(trained_runs, pending)
+        write_ablation(results, rows, header, summary)
+        best = next(r for r, run in zip(rows, trained_runs) if run is best_run)
+        return {"rows": rows, "best": {**best, "checkpoint": str(best_ckpt)}, "teacher": None, "student": None}
     gallery = open_gallery(gallery_path).select(split)
-    best_name, _, best_trained, _, best_ckpt = max(trained_runs, key=lambda r: r[2]["val"]["rsum"])  # val, never test
     entries = measure_encoders([base.teacher, str(best_ckpt)], gallery)  # speeds timed together
     teacher, student = entries[base.teacher], entries[str(best_ckpt)]
-    costs = {k: student[k] for k in ("params", "size_mb", "text_query_ms", "images_per_s")}
+    measured = {k: student[k] for k in ("params", "size_mb", "text_query_ms", "images_per_s")}
     keep = ("t2i", "i2t", "rsum", "params", "size_mb", "text_query_ms", "images_per_s")
-    header.update(teacher={k: teacher[k] for k in keep}, best_on_val=best_name, best_checkpoint=str(best_ckpt),
-                  best_full_pipeline={k: student[k] for k in keep})
-    rows = [ablation_row(n, r, t, {**res, **costs}, teacher) for n, r, t, res, _ in trained_runs]
-    write_ablation(results, rows, header)
-    best = next(r for r in rows if r["loss"] == best_name)
+    header.update(teacher={k: teacher[k] for k in keep}, best_full_pipeline={k: student[k] for k in keep})
+    rows, summary = table(trained_runs, teacher, measured)
+    write_ablation(results, rows, header, summary)
+    best = next(r for r, run in zip(rows, trained_runs) if run is best_run)
     return {"rows": rows, "best": {**best, "checkpoint": str(best_ckpt)}, "teacher": teacher, "student": student}
