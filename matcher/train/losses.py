@@ -301,28 +301,33 @@ class SharedWhitenedSimilarityLoss(nn.Module):
     """WSD re-derived from the method's description: two whitening-like transformations in an
     orthogonal space shared by the teacher's and the student's matrices (``wsd-shared``).
 
-    ``wsd`` whitens each matrix in its *own* eigenbasis with its *own* covariance, so (as eps -> 0)
-    both are mapped to their orthogonal polar factors and what is compared is mostly lost: the
-    teacher's singular spectrum, and the pairing of directions across the two matrices. Here both
-    matrices go through the same two maps, built from the teacher only (constants, no gradient):
+    ``wsd`` standardises every query's scores and then whitens each matrix with its *own* covariance
+    in its own eigenbasis, weighing every direction alike (the teacher's noisy weak directions
+    included). Here both matrices are expressed in one orthogonal space, the teacher's singular
+    basis, and each is whitened there by its *own* per-direction scale:
 
-        T~ = centred(T) = U diag(sigma) V^T                 (SVD of the double-centred teacher)
-        w_k = (sigma_k + eps * mean(sigma))^(-1/2)          (0 for sigma_k <= 1e-6 sigma_max)
-        left  (image side): A = diag(w) U^T,   right (text side): B = V diag(w)
-        W(X) = A centred(X) B                              (W(T) = diag(sigma / (sigma + eps mean)))
-        L = ||W(S) - W(T)||_F^2 / ||W(T)||_F^2
+        T~ = centred(T) = U diag(sigma) V^T   (double-centred teacher, rank r; U: images, V: captions)
+        P(X) = U_r^T centred(X) V_r           [r, r]; P(T) = diag(sigma)
+        rows (image side):  R(X) = P(X) with every row scaled to unit norm      R(T) = I
+        cols (text side):   C(X) = P(X) with every column scaled to unit norm   C(T) = I
+        L = 1/2 sum_k a_k [ ||R(S)_k - e_k||^2 + ||C(S)_.k - e_k||^2 ]
+          = sum_k a_k [ 2 - cos(P(S)_k., e_k) - cos(P(S)_.k, e_k) ]
+        a_k = sigma_k / (sigma_k + eps * mean(sigma)), normalised to sum 1
 
-    i.e. the student's matrix is expressed in the teacher's singular basis (U for images, V for
-    captions: the orthogonal space shared by both) and each side is rescaled by sigma^(-1/2), so the
-    teacher becomes (nearly) the identity: every direction of the teacher's similarity structure
-    weighs about the same, instead of the few dominant directions that a plain MSE on the raw
-    matrix is spent on. ``eps`` (relative to the mean singular value) bounds the up-weighting of
-    near-null directions; eps -> infinity is an MSE of the double-centred matrices.
+    Row k asks: does the student pair the teacher's k-th image direction with the teacher's k-th
+    caption direction and with no other? The two normalisations are the whitening: every direction
+    counts by the same unit norm whatever the two models' spectra (the student's temperature and
+    how strongly it weighs shared semantics vs. the pair-specific part are not distilled; the
+    contrastive loss sets those). ``eps`` is the whitening strength: 0 weighs every direction
+    equally (full whitening), a large eps weighs them by the teacher's singular values.
+    (A first derivation, one whitened least-squares difference A centred(S) B with A, B =
+    diag(sigma^-1/2) U^T, V diag(sigma^-1/2) built from the teacher alone, trained at chance:
+    docs/wsd.md.)
 
-    Exactly invariant to: a positive scale of S, any per-row and per-column shift of S (biases,
-    "hubness"), and a re-ordering of the batch (the same permutation of rows, and of columns, of
-    S and T). 0 when S is a positive multiple of T up to such shifts. Like ``wsd`` it ignores the
-    temperature, so it is mixed with the contrastive loss.
+    Exactly invariant to: a positive scale of S, any per-row and per-column shift of S, a re-ordering
+    of the batch (the same permutation of the rows, and of the columns, of S and T), and any
+    positive rescaling of the student's singular values along the teacher's singular vectors
+    (S~ = U D V^T, D > 0 diagonal, has loss 0). Minimal (0) at S = T.
     """
 
     inputs = "cosine"
@@ -331,26 +336,30 @@ class SharedWhitenedSimilarityLoss(nn.Module):
         super().__init__()
         self.eps, self.rank_tol = eps, rank_tol
 
-    def transforms(self, sim_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the teacher matrix: W(X) = A @ double_centre(X) @ B."""
+    def basis(self, sim_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_r, V_r, a): the teacher's singular vectors on its rank and the direction weights."""
         with torch.no_grad():
             u, sigma, vh = torch.linalg.svd(double_centre(sim_teacher.detach().double()))
             keep = sigma > self.rank_tol * sigma.max().clamp(min=1e-30)
-            w = torch.where(keep, (sigma + self.eps * sigma[keep].mean()).rsqrt(), torch.zeros_like(sigma))
-            w = torch.nan_to_num(w, nan=0.0, posinf=0.0)
-            a, b = (w[:, None] * u.T), (vh.T * w[None, :])
-        return a.to(sim_teacher.dtype), b.to(sim_teacher.dtype)
+            sigma = sigma[keep]
+            weights = sigma / (sigma + self.eps * sigma.mean())
+            weights = weights / weights.sum().clamp(min=1e-30)
+            dtype = sim_teacher.dtype
+        return u[:, keep].to(dtype), vh[keep].T.to(dtype), weights.to(dtype)
 
-    def whiten(self, s: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a @ double_centre(s) @ b
+    def project(self, s: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """P(S) = U_r^T centred(S) V_r."""
+        return u.T @ double_centre(s) @ v
 
     def forward(self, sim_student: torch.Tensor, sim_teacher: torch.Tensor) -> torch.Tensor:
-        a, b = self.transforms(sim_teacher)
-        target = self.whiten(sim_teacher.detach(), a, b)
-        denom = target.pow(2).sum()
-        if float(denom) == 0.0:  # an all-equal teacher matrix: nothing to distil
+        u, v, weights = self.basis(sim_teacher)
+        if weights.numel() == 0:  # an all-equal teacher matrix: nothing to distil
             return sim_student.sum() * 0.0
-        return (self.whiten(sim_student, a, b) - target).pow(2).sum() / denom
+        p = self.project(sim_student, u, v)
+        diag = p.diagonal()
+        row_cos = diag / (p.pow(2).sum(1) + 1e-12).sqrt()
+        col_cos = diag / (p.pow(2).sum(0) + 1e-12).sqrt()
+        return (weights * (2.0 - row_cos - col_cos)).sum()
 
 
 LOSSES["wsd-shared"] = SharedWhitenedSimilarityLoss

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from matcher.finegrained.distill import TeacherScores, parse_teacher_scores
-from matcher.train.losses import SharedWhitenedSimilarityLoss, WSDLoss, build_loss, double_centre
+from matcher.train.losses import SharedWhitenedSimilarityLoss, build_loss, double_centre
 from matcher.train.student import (StudentRecipe, _finished_run, _run_record, _variant_checkpoint, seed_summary,
                                    write_ablation)
 
@@ -146,39 +146,36 @@ def test_gradient_points_towards_the_teacher():
     assert tt.grad is None and ss.grad is not None
 
 
-def test_the_shared_transforms_whiten_the_teacher():
-    """W(T) = diag(sigma / (sigma + eps mean sigma)) on the teacher's rank: the identity at eps = 0,
-    and the student is mapped by the same two matrices (not by its own)."""
+def test_whitening_ignores_the_spectrum_along_the_teachers_directions():
+    """Each direction counts by its unit-normalised row/column in the teacher's basis: a student
+    with the teacher's singular vectors and any positive spectrum is at 0; mixing two of the
+    teacher's directions is not."""
     s, t = _matrices(3)
-    loss = SharedWhitenedSimilarityLoss(eps=0.0)
-    a, b = loss.transforms(t)
-    wt = loss.whiten(t, a, b)
-    rank = int(torch.linalg.matrix_rank(double_centre(t)))
-    assert rank == B - 1  # double centring removes the all-ones direction
-    expected = torch.diag(torch.cat([torch.ones(rank), torch.zeros(B - rank)]))
-    assert torch.allclose(wt, expected, atol=1e-4)
-    # a student with the teacher's singular vectors but another spectrum is NOT at zero loss
-    u, sigma, vh = torch.linalg.svd(double_centre(t))
-    other = u @ torch.diag(sigma.flip(0).roll(-1)) @ vh
-    assert float(SharedWhitenedSimilarityLoss(eps=0.5)(other, t)) > 0.05
-    # eps weighs the teacher's weak directions less: a larger eps moves W(T) away from I
-    a4, b4 = SharedWhitenedSimilarityLoss(eps=4.0).transforms(t)
-    d = torch.diagonal(loss.whiten(t, a4, b4))[:rank]
-    assert float(d.max()) < 1.0 and float(d.min()) < float(d.max()) - 0.1
+    loss = SharedWhitenedSimilarityLoss(eps=0.5)
+    u, v, weights = loss.basis(t)
+    assert u.shape == v.shape == (B, B - 1)  # double centring removes the all-ones direction
+    assert torch.allclose(loss.project(t, u, v), torch.diag(torch.diagonal(loss.project(t, u, v))), atol=1e-5)
+    uu, sigma, vh = torch.linalg.svd(double_centre(t))
+    other = uu @ torch.diag(sigma.flip(0).roll(-1) + 0.1) @ vh  # same directions, another spectrum
+    assert float(loss(other, t)) == pytest.approx(0.0, abs=1e-5)
+    assert float(torch.nn.functional.mse_loss(double_centre(other), double_centre(t))) > 0.1  # MSE is not 0
+    mix = torch.eye(B)
+    mix[:2, :2] = torch.tensor([[0.6, 0.8], [-0.8, 0.6]])  # rotate the teacher's two strongest directions
+    mixed = uu @ torch.diag(sigma) @ mix @ vh
+    assert float(loss(mixed, t)) > 0.02
 
 
-def test_own_basis_wsd_is_blind_where_the_shared_one_is_not():
-    """Why the re-derivation: ``wsd`` whitens each matrix with its own covariance, so at small eps
-    two matrices with the same singular vectors (and row/column standardisation) look alike
-    whatever their spectra; the shared-basis loss separates them."""
-    g = torch.Generator().manual_seed(6)
-    q1 = torch.linalg.qr(torch.randn(B, B, generator=g))[0]
-    q2 = torch.linalg.qr(torch.randn(B, B, generator=g))[0]
-    t = q1 @ torch.diag(torch.linspace(3.0, 0.5, B)) @ q2.T
-    s = q1 @ torch.diag(torch.linspace(0.5, 3.0, B)) @ q2.T
-    own = float(WSDLoss(eps=1e-4, iterations=60)(s, t))
-    shared = float(SharedWhitenedSimilarityLoss(eps=1e-4)(s, t))
-    assert own < 0.1 * shared
+def test_eps_sets_the_whitening_strength():
+    """eps = 0: every direction of the teacher's rank weighs the same; large eps: weights follow
+    the teacher's singular values (weak, noisy directions count less)."""
+    _, t = _matrices(4)
+    sigma = torch.linalg.svdvals(double_centre(t))[: B - 1]
+    flat = SharedWhitenedSimilarityLoss(eps=0.0).basis(t)[2]
+    assert torch.allclose(flat, torch.full((B - 1,), 1.0 / (B - 1)), atol=1e-6)
+    strong = SharedWhitenedSimilarityLoss(eps=1e6).basis(t)[2]
+    assert torch.allclose(strong, sigma / sigma.sum(), atol=1e-4)
+    mid = SharedWhitenedSimilarityLoss(eps=0.5).basis(t)[2]
+    assert float(mid.sum()) == pytest.approx(1.0) and float(mid[0]) > float(mid[-1])
 
 
 # -- the per-seed table ------------------------------------------------------------------------
