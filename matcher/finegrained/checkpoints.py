@@ -37,13 +37,21 @@ class FineRecipe:
     candidates: int = 20         # val shortlist size for re-ranker selection
     seed: int = 0
     distill_from: str = ""       # a trained (larger) fine scorer to start from and distil (shrinking codes)
+    # codes tier, Inflate & Shrink that inflates (docs/inflate-shrink.md); the defaults are the original
+    # (collapsed) code scorer, so checkpoints trained before these fields existed rebuild unchanged
+    query_init: str = "random"   # random (std 0.02: every code starts as the mean region) | kmeans (key centroids)
+    query_lr_mult: float = 1.0   # the code queries' peak learning rate is lr * query_lr_mult
+    pool_scale: float = 1.0      # pooling logits q.k / sqrt(D) times this: > 1 sharpens the softmax over regions
+    diversity_weight: float = 0.0  # weight of the code diversity term (losses.CodeDiversityLoss)
+    dual_weight: float = 0.0     # score = late interaction + dual_weight * the teacher's pooled cosine
 
 
 def build_scorer(recipe: FineRecipe, image_head: torch.nn.Linear, text_head: torch.nn.Linear):
     if recipe.tier == "alignment":
         return AlignmentScorer(image_head, text_head, recipe.reduce, recipe.dropout)
     if recipe.tier == "codes":
-        return CodeScorer(image_head, text_head, recipe.codes, recipe.reduce, recipe.dropout)
+        return CodeScorer(image_head, text_head, recipe.codes, recipe.reduce, recipe.dropout, recipe.pool_scale,
+                          recipe.dual_weight)
     raise ValueError(f"unknown fine tier {recipe.tier!r}")
 
 

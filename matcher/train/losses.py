@@ -238,6 +238,29 @@ class TripletHingeLoss(nn.Module):
         return cost_text.sum(1).mean() + cost_image.sum(0).mean()
 
 
+class CodeDiversityLoss(nn.Module):
+    """Keeps an image's M codes apart (Inflate & Shrink's codes, docs/inflate-shrink.md).
+
+    ``sim_student`` here is not a score matrix but the batch's codes [I, M, D] (any norm; they are
+    unit-normalised first); with C_i = the [M, M] cosine matrix of image i's codes,
+        L = mean_i mean_{m != n} C_i[m, n]^2 ,
+    0 when every image's codes are orthogonal, 1 when they are all the same (collapsed) code, and 0
+    for M = 1 (nothing to keep apart). ``sim_teacher`` is ignored (the call shape is shared).
+    Not in ``LOSSES``: it regularises a code scorer, it is not a distillation or matching loss.
+    """
+
+    inputs = "codes"
+
+    def forward(self, sim_student: torch.Tensor, sim_teacher: torch.Tensor | None = None) -> torch.Tensor:
+        codes = F.normalize(sim_student, dim=-1)
+        m = codes.shape[1]
+        if m < 2:
+            return codes.new_zeros(())
+        cos = codes @ codes.transpose(1, 2)
+        off = ~torch.eye(m, dtype=torch.bool, device=codes.device)
+        return cos[:, off].pow(2).mean()
+
+
 LOSSES: dict[str, type[nn.Module]] = {
     "contrastive": ContrastiveLoss,
     "wsd": WSDLoss,
