@@ -62,6 +62,7 @@ SHIPPED = {
     "hash": (HashRecipe, _hash),
     **{f"fine-{n}": (FineRecipe, _fine(n)) for n in ("alignment-sum", "alignment-mean", "alignment-mean-drop05",
                                                       "codes-16", "codes-4", "codes-1")},
+    **{f"fine-codes-inflate-{m}": (FineRecipe, _fine(f"codes-inflate-{m}")) for m in (16, 8, 4, 2, 1)},
     "cross": (CrossRecipe, _cross("cross")),
     "cross-residual": (CrossRecipe, _cross("cross-residual")),
 }
