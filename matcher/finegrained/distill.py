@@ -134,3 +134,46 @@ class AlignmentTargets:
             ratios.append(float(dual.std(1).mean() / self.batch(rows, captions).std(1).mean()))
         self.scale = float(np.mean(ratios))
         return self.scale
+
+
+def fused_composition(align: AlignmentTargets, t_images: torch.Tensor, t_texts: torch.Tensor, weight: float,
+                      batch_size: int = 256, batches: int = 8, seed: int = 0) -> dict:
+    """What the fused teacher matrix is made of, on random train batches like the student's (one
+    caption per image; ``t_images`` [N, D] the teacher's unflipped train image embeddings,
+    ``t_texts`` its caption embeddings, e.g. from ``matcher.train.student.teacher_targets``):
+    per-row (image -> captions) and per-column spread of the dual cosine and of ``weight`` x
+    alignment, in-batch R@1 of dual / alignment / fused in both directions, how often fusing
+    changes a row's or column's top-1, the mean per-row Spearman correlation of fused and dual,
+    and the correlation of a caption's mean alignment score with its token count."""
+    rng = np.random.default_rng(seed)
+    acc: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        acc.setdefault(key, []).append(float(value))
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        return x.argsort(1).argsort(1).float()
+
+    for _ in range(batches):
+        rows = rng.choice(len(t_images), batch_size, replace=False)
+        captions = rows * 5 + rng.integers(0, 5, batch_size)
+        dual = t_images[rows] @ t_texts[captions].T
+        a = align.batch(rows, captions)
+        fused = dual + weight * a
+        eye = torch.arange(batch_size)
+        add("dual_row_std", dual.std(1).mean())
+        add("align_row_std_weighted", (weight * a).std(1).mean())
+        add("dual_col_std", dual.std(0).mean())
+        add("align_col_std_weighted", (weight * a).std(0).mean())
+        for name, m in (("dual", dual), ("align", a), ("fused", fused)):
+            add(f"{name}_i2t_R@1", (m.argmax(1) == eye).float().mean() * 100)
+            add(f"{name}_t2i_R@1", (m.argmax(0) == eye).float().mean() * 100)
+        add("top1_changed_rows_pct", (fused.argmax(1) != dual.argmax(1)).float().mean() * 100)
+        add("top1_changed_cols_pct", (fused.argmax(0) != dual.argmax(0)).float().mean() * 100)
+        rd, rf = ranks(dual), ranks(fused)
+        rd, rf = rd - rd.mean(1, keepdim=True), rf - rf.mean(1, keepdim=True)
+        add("row_spearman_fused_dual", ((rd * rf).sum(1) / (rd.norm(dim=1) * rf.norm(dim=1))).mean())
+        lengths = torch.from_numpy((align.offsets[captions + 1] - align.offsets[captions]).astype(np.float32))
+        add("caption_mean_align_vs_length_corr", torch.corrcoef(torch.stack([a.mean(0), lengths]))[0, 1])
+    return {"weight": weight, "batch_size": batch_size,
+            "batches": batches, "seed": seed, **{k: round(float(np.mean(v)), 4) for k, v in acc.items()}}

@@ -215,3 +215,21 @@ def test_a_finished_seed_run_is_reused_only_for_the_same_recipe(tmp_path):
     assert _finished_run(ckpt, recipe) == (trained, result)
     assert _finished_run(ckpt, replace(recipe, seed=2)) is None
     assert _finished_run(ckpt, replace(recipe, teacher_scores="dual")) is None
+
+
+def test_fused_composition_on_hand_made_embeddings():
+    from matcher.finegrained.distill import fused_composition
+
+    g = torch.Generator().manual_seed(8)
+    n = 40
+    img = torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img.repeat_interleave(5, 0) + 0.3 * torch.randn(5 * n, D, generator=g), dim=-1)
+    lengths = torch.randint(5, 20, (5 * n,), generator=g)
+    align = _FakeAlignment(torch.rand(n, 5 * n, generator=g) + 0.05 * lengths[None, :].float())
+    align.offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
+    same = fused_composition(align, img, txt, weight=0.0, batch_size=16, batches=3)
+    assert same["top1_changed_rows_pct"] == 0 and same["row_spearman_fused_dual"] == pytest.approx(1.0)
+    assert same["fused_i2t_R@1"] == same["dual_i2t_R@1"] > 50 and same["align_row_std_weighted"] == 0
+    mixed = fused_composition(align, img, txt, weight=10.0, batch_size=16, batches=3)
+    assert mixed["row_spearman_fused_dual"] < 0.9 and mixed["caption_mean_align_vs_length_corr"] > 0.5
+    assert mixed["align_row_std_weighted"] > mixed["dual_row_std"]
