@@ -215,14 +215,14 @@ def _open_hashed(spec: Spec, gallery: Gallery) -> Matcher:
 
 
 def _open_fine(spec: Spec, gallery: Gallery) -> Matcher:
-    """``{"type": "fine-rerank", "base": SPEC, "scorer": PATH, "fuse": float | null, "candidates": C}``."""
-    from matcher.finegrained.checkpoints import load_scorer, teacher_heads
+    """``{"type": "fine-rerank", "base": SPEC, "scorer": PATH, "fuse": float | null, "candidates": C}``: the
+    base's top C re-scored by the scorer, an alignment scorer (``offline-fine``) or a vl-cross
+    cross-encoder (``offline-vl-cross``); which one is read from the checkpoint."""
     from matcher.search.exact import ExactMatcher
-    from matcher.search.fine import DEFAULT_CANDIDATES, FineRerankMatcher
+    from matcher.search.fine import DEFAULT_CANDIDATES, FineRerankMatcher, load_rerank_scorer
 
     base = ExactMatcher(cached_encoder(spec.base), gallery)
-    image_head, text_head, _ = teacher_heads(base.encoder.module)
-    scorer, _, _ = load_scorer(spec.path("scorer"), image_head, text_head)
+    scorer = load_rerank_scorer(spec.path("scorer"), base.encoder.module)
     return FineRerankMatcher(base, scorer, spec.config.get("fuse"),
                              int(spec.config.get("candidates", DEFAULT_CANDIDATES)), name=spec.text)
 

@@ -39,8 +39,9 @@ def hashed_rows(role: str, matcher, base_entry: dict) -> dict[str, dict]:
 
 
 def fine_rows(role: str, matcher, base_entry: dict, probes: int = 10) -> dict[str, dict]:
-    """The fine re-rank as served: text->image recall of the re-ranked shortlist over every caption
-    of the gallery; image queries are answered by the dual base, so i2t is the base's."""
+    """The fine re-rank as served (alignment scorer or vl-cross cross-encoder, ``matcher.search.fine``):
+    text->image recall of the re-ranked shortlist over every caption of the gallery; image queries
+    are answered by the dual base, so i2t is the base's."""
     gallery = matcher.gallery
     texts = [c for n in gallery.names for c in gallery.captions.get(n, [])]
     owners = [n for n in gallery.names for _ in gallery.captions.get(n, [])]
@@ -56,12 +57,15 @@ def fine_rows(role: str, matcher, base_entry: dict, probes: int = 10) -> dict[st
     scorer_params = sum(p.numel() for p in matcher.scorer.parameters())
     entry = {**base_entry, "t2i": t2i, "i2t": i2t, "rsum": round(sum(t2i.values()) + sum(i2t.values()), 2),
              **clip_benchmark_recalls(t2i_ranks, "image"),   # i2t's text_retrieval_recall@K: the base's
-             "spec": matcher.name, "base": base_entry.get("spec"), "candidates": matcher.candidates,
+             "spec": matcher.name, "base": base_entry.get("spec"), "scorer": matcher.kind,
+             "candidates": matcher.candidates, "fuse": matcher.fuse,
              "params": int(base_entry["params"]) + scorer_params,
              "size_mb": round(base_entry["size_mb"] + scorer_params * 4 / 1e6, 2),
              "text_query_ms": round(float(np.median(latencies)), 2),
              "text_query_ms_range": [round(min(latencies), 2), round(max(latencies), 2)],
-             "note": "t2i: the base's top-C re-scored region x word; i2t: image queries are answered by the base; "
+             "note": f"t2i: the base's top-C re-scored by {matcher.reader.reads}"
+                     f"{' alone' if matcher.fuse is None else f', fused cos + {matcher.fuse:g} x score'}; "
+                     "i2t: image queries are answered by the base; "
                      "text_query_ms: whole search (encode + shortlist + re-rank), median in the report process"}
     return {role: entry}
 

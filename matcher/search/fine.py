@@ -1,23 +1,37 @@
-"""The fine-grained tier as a dashboard matcher: the dual teacher's top-C, re-scored region × word.
+"""The fine-grained tiers as dashboard matchers: the dual teacher's top-C, re-scored by a pair scorer.
 
 ``FineRerankMatcher`` serves one gallery like ``matcher.search.exact.Matcher`` (same ``SearchOptions``,
 ``SearchResult`` with per-stage timings), so the app and the error analysis treat it as one more
-column. A text query runs the teacher's text tower once: its token states feed the alignment
-scorer, their mean (through the teacher's head) is the dual query embedding. Stages:
+column. Two kinds of scorer re-rank, one code path:
+
+- ``alignment`` (``offline-fine``): ALADIN-style region x word alignment of the teacher's *final*
+  token states against its unit region vectors;
+- ``vl-cross`` (``offline-vl-cross``): the cross-encoder on the teacher's top MiniLM layers
+  (``matcher.finegrained.vl_cross``), which reads the caption's states after the text tower's
+  *lower* layers together with 4 x 4 + 1 image tokens made from the region map.
+
+A text query runs the teacher's text tower once: the lower layers' states (what the cross-encoder
+reads), the final token states (what the alignment scorer reads) and, from their mean through the
+teacher's head, the dual query embedding all come from that one run. Stages:
 
 1. ``encode``: the query's token states and dual embedding;
 2. ``candidates``: exact float search of the teacher's gallery embeddings, top-C;
-3. ``rerank``: ``cos_dual + fuse · S_align`` on the C candidates (``fuse`` chosen on val by
-   ``eval-fine``; ``fuse = None`` ranks by the alignment score alone), top-K.
+3. ``rerank``: ``cos_dual + fuse · S`` on the C candidates (``fuse`` chosen on val by ``eval-fine``;
+   ``fuse = None`` ranks by the scorer alone), top-K. The cross-encoder's S already holds the
+   teacher's scaled cosine (its read-out is a correction), so with its read-out at zero either way
+   ranks exactly as the teacher.
 
-The gallery side stores, per image, the scorer's unit region vectors (49 × 256, float16), computed
-once from the teacher's unpooled feature map and kept in the on-disk array cache. Image queries
-("search by image", "more like this") have no words to align, so they are answered by the dual
+The gallery side is computed once per (teacher, scorer weights, gallery) from the teacher's unpooled
+feature map of each photo and kept in the on-disk array cache, in float16: the alignment scorer's
+unit region vectors (49 x 256 per photo), or the cross-encoder's image tokens (17 x 384 per photo:
+the pooled grid and the global token after its region projection, so a query projects nothing).
+Image queries ("search by image", "more like this") have no words, so they are answered by the dual
 teacher alone, and the result says so in its timings (no ``rerank`` stage).
 """
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -37,14 +51,121 @@ from matcher.search.protocol import (Hit, Ranking, SearchOptions, SearchResult, 
 DEFAULT_CANDIDATES = 50
 
 
+class CheckpointProblem(ValueError):
+    """A fine column's scorer checkpoint is missing, unreadable or of a kind it cannot serve."""
+
+
+# -- what each kind of scorer stores per gallery image and reads per query -------------------------
+
+class _Alignment:
+    """Region x word alignment (``matcher.finegrained.scorers``): unit regions vs final token states."""
+
+    kind, cache_prefix = "alignment", "fine"   # the prefix caches written before vl-cross existed use
+    reads = "region x word"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def gallery_side(self, regions: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(regions)
+
+    def query_side(self, lower: torch.Tensor, final: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.encode_text(final, mask), mask
+
+    def scores(self, stored: torch.Tensor, cosines: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = len(stored)
+        return self.model.score_pairs(stored, words.expand(n, -1, -1), mask.expand(n, -1))
+
+
+class _VLCross:
+    """The MiniLM cross-encoder (``matcher.finegrained.vl_cross.VLCrossEncoder``): image tokens stored,
+    the query's lower-layer states read, its top layers run on words and image tokens together."""
+
+    kind, cache_prefix = "vl-cross", "fine-vl-cross"
+    reads = "cross-encoder (words + image tokens through the teacher's top MiniLM layers)"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def gallery_side(self, regions: torch.Tensor) -> torch.Tensor:
+        return self.model.image_tokens(regions)
+
+    def query_side(self, lower: torch.Tensor, final: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return lower, mask
+
+    def scores(self, stored: torch.Tensor, cosines: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``VLCrossEncoder.score_pairs`` with the image tokens given (stored per photo instead of
+        projected from its regions per query); tests check the two agree."""
+        n = len(stored)
+        h = torch.cat([states.expand(n, -1, -1), stored], 1)
+        keep = torch.cat([mask.expand(n, -1).to(h.dtype), torch.ones(stored.shape[:2], dtype=h.dtype)], 1)
+        additive = (1.0 - keep[:, None, None, :]) * torch.finfo(h.dtype).min
+        for layer in self.model.layers:
+            out = layer(h, attention_mask=additive)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.model.head(h[:, 0]).squeeze(-1) + self.model.residual_scale * cosines
+
+
+def _reader(scorer: torch.nn.Module):
+    from matcher.finegrained.vl_cross import VLCrossEncoder, VLDecomposed
+
+    if isinstance(scorer, VLDecomposed):
+        raise CheckpointProblem("a vl-decomposed checkpoint is a dual encoder, not a re-ranker of the teacher's "
+                                "shortlist; the fine column serves alignment and vl-cross checkpoints")
+    return _VLCross(scorer) if isinstance(scorer, VLCrossEncoder) else _Alignment(scorer)
+
+
+def load_rerank_scorer(path: str | Path, teacher_module: torch.nn.Module) -> torch.nn.Module:
+    """The scorer a ``fine-rerank`` config names, rebuilt on the teacher that shortlists for it: an
+    alignment scorer (``train-fine``) or a ``vl-cross`` cross-encoder (``train-vl-cross``). A missing,
+    unreadable or other checkpoint raises ``CheckpointProblem`` with a message for the user."""
+    from matcher.finegrained.checkpoints import CROSS_FORMAT, load_scorer, teacher_heads
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointProblem(f"scorer checkpoint {path} not found (not trained yet, or not in this checkout)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one message, not a traceback
+        raise CheckpointProblem(f"scorer checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    if isinstance(payload, dict) and payload.get("format") == CROSS_FORMAT:
+        if kind != "vl-cross":
+            raise CheckpointProblem(f"{path} is a {kind!r} checkpoint; the fine column re-ranks with alignment "
+                                    "(train-fine) or vl-cross (train-vl-cross) checkpoints")
+        from matcher.finegrained.vl_cross import load_vl_cross
+
+        try:
+            model, _, _ = load_vl_cross(path, teacher_module)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointProblem(f"vl-cross checkpoint {path} does not fit the teacher it is served on "
+                                    f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        return model
+    image_head, text_head, _ = teacher_heads(teacher_module)
+    try:
+        scorer, _, _ = load_scorer(path, image_head, text_head)
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise CheckpointProblem(f"{path} is not a fine scorer checkpoint this version reads "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return scorer
+
+
 class FineRerankMatcher:
-    """Dual teacher shortlist + alignment-score re-rank, for text queries."""
+    """Dual teacher shortlist + re-rank by an alignment scorer or the MiniLM cross-encoder, for text queries."""
 
     def __init__(self, base: ExactMatcher, scorer, fuse: float | None, candidates: int = DEFAULT_CANDIDATES,
                  cache: ArrayCache | None = None, name: str = "fine"):
-        self.base, self.scorer, self.fuse, self.candidates, self.name = base, scorer.eval(), fuse, candidates, name
+        self.base, self.scorer, self.fuse, self.candidates, self.name = base, scorer.eval(), fuse, int(candidates), name
+        if self.candidates < 1:
+            raise ValueError(f"{name}: candidates must be at least 1 (got {candidates})")
+        self.reader = _reader(self.scorer)
         self.module = base.encoder.module  # the teacher's DualEncoderModule
-        self.regions = self._gallery_regions(cache or ArrayCache())
+        self.regions = self._gallery_side(cache or ArrayCache())
+
+    @property
+    def kind(self) -> str:
+        """``alignment`` or ``vl-cross``: which scorer re-ranks."""
+        return self.reader.kind
 
     @property
     def embeddings(self) -> GalleryEmbeddings:
@@ -59,56 +180,60 @@ class FineRerankMatcher:
         weights = b"".join(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                            for _, v in sorted(self.scorer.state_dict().items()))
         scorer_hash = hashlib.sha256(weights).hexdigest()[:16]
-        return f"fine-{self.base.encoder.fingerprint()}-{scorer_hash}-{self.gallery.fingerprint()}"
+        return f"{self.reader.cache_prefix}-{self.base.encoder.fingerprint()}-{scorer_hash}-{self.gallery.fingerprint()}"
 
     @torch.inference_mode()
-    def _gallery_regions(self, cache: ArrayCache, batch_size: int = 16) -> torch.Tensor:
-        """[N, R, D] unit region vectors, row order = the base matcher's embeddings."""
+    def _gallery_side(self, cache: ArrayCache, batch_size: int = 16) -> torch.Tensor:
+        """[N, ...] what the scorer reads of each photo, row order = the base matcher's embeddings:
+        unit region vectors [N, 49, 256] (alignment) or image tokens [N, 17, 384] (vl-cross)."""
         key = self._cache_key()
         hit = cache.get(key)
         if hit is not None and list(hit[1].get("names", [])) == list(self.embeddings.names):
             return torch.from_numpy(hit[0]["regions"].astype(np.float32))
         names, tower, chunks = self.embeddings.names, self.module.image_tower, []
-        for start in tqdm(range(0, len(names), batch_size), desc=f"{self.name}: regions", unit="batch"):
+        for start in tqdm(range(0, len(names), batch_size), desc=f"{self.name}: gallery ({self.kind})", unit="batch"):
             pixels = torch.stack([self.base.encoder.preprocess(load_rgb(self.gallery.path(n)))
                                   for n in names[start:start + batch_size]])
             fmap = tower.forward_top_map(tower.forward_trunk(pixels.contiguous(memory_format=torch.channels_last)))
-            chunks.append(self.scorer.encode_image(fmap.flatten(2).transpose(1, 2)).half())
-        regions = torch.cat(chunks) if chunks else torch.zeros(0, 49, 256, dtype=torch.float16)
-        cache.put(key, {"regions": regions.numpy()}, {"names": list(names)})
-        return regions.float()
+            chunks.append(self.reader.gallery_side(fmap.flatten(2).transpose(1, 2)).half())
+        stored = torch.cat(chunks) if chunks else torch.zeros(0, 1, 1, dtype=torch.float16)
+        cache.put(key, {"regions": stored.numpy()}, {"names": list(names), "kind": self.kind})
+        return stored.float()
 
     # -- queries --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _encode_text(self, text: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """(dual query embedding [D], unit token vectors [1, L, D], mask [1, L]) from one tower run."""
+    def _encode_text(self, text: str) -> tuple:
+        """(dual query embedding [D], *what the scorer reads of the query) from one text tower run:
+        for alignment (unit token vectors [1, L, D], mask [1, L]); for vl-cross (lower-layer states
+        [1, L, 384], mask [1, L])."""
         tower = self.module.text_tower
         tokens = tower.tokenize([text])
         mask = tokens["attention_mask"]
-        states = tower.forward_top_tokens(tower.forward_trunk(tokens["input_ids"], mask), mask)
-        query = torch.nn.functional.normalize(self.module.text_head(masked_mean(states, mask)), dim=-1)[0].numpy()
-        return query, self.scorer.encode_text(states, mask.bool()), mask.bool()
+        lower = tower.forward_trunk(tokens["input_ids"], mask)
+        final = tower.forward_top_tokens(lower, mask)
+        query = torch.nn.functional.normalize(self.module.text_head(masked_mean(final, mask)), dim=-1)[0].numpy()
+        return (query, *self.reader.query_side(lower, final, mask.bool()))
 
     def search_text(self, text: str, options: SearchOptions = SearchOptions()) -> SearchResult:
         text, k, clock = check_text_query(text), check_k(options.k), Stopwatch()
         with clock.stage("encode"):
-            query, words, mask = self._encode_text(text)
+            query, *features = self._encode_text(text)
         with clock.stage("candidates"):
             cosines, rows = self.base.image_index.search(query[None].astype(np.float32), max(k, self.candidates))
             keep = rows[0] >= 0
             cosines, rows = cosines[0][keep], rows[0][keep]
         with clock.stage("rerank"):
-            scores = self.rerank_scores(cosines, rows, words, mask)
+            scores = self.rerank_scores(cosines, rows, *features)
             order = np.argsort(-scores, kind="stable")[:k]
         return clock.result([Hit(int(rows[i]), self.embeddings.names[rows[i]], float(scores[i])) for i in order])
 
     @torch.inference_mode()
-    def rerank_scores(self, cosines: np.ndarray, rows: np.ndarray, words: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-        """Fused (or pure alignment) scores of the shortlisted gallery rows for one query."""
-        n = len(rows)
-        align = self.scorer.score_pairs(self.regions[torch.from_numpy(rows)], words.expand(n, -1, -1),
-                                        mask.expand(n, -1)).numpy()
-        return align if self.fuse is None else cosines + self.fuse * align
+    def rerank_scores(self, cosines: np.ndarray, rows: np.ndarray, *features: torch.Tensor) -> np.ndarray:
+        """Fused (or pure scorer) scores of the shortlisted gallery rows for one query."""
+        cosines = np.asarray(cosines, dtype=np.float32)
+        fine = self.reader.scores(self.regions[torch.from_numpy(np.asarray(rows))], torch.from_numpy(cosines),
+                                  *features).numpy()
+        return fine if self.fuse is None else cosines + self.fuse * fine
 
     # No words to align in an image query: the dual teacher answers (no "rerank" stage in the timings).
     def search_image(self, image: Image.Image, options: SearchOptions = SearchOptions()) -> SearchResult:
