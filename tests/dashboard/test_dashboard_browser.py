@@ -245,6 +245,22 @@ def test_real_bundled_teacher_answers_in_the_page(browser, tmp_path_factory):
         fine = page.inner_text("#col-3-header")
         assert "fine" in fine and "rerank" in fine and "candidates" in fine
         shot(page, "search-fine")
+
+        # The same column switched to the cross-encoder (preset offline+cross); until its checkpoint is
+        # trained, the preset line says so and the other three columns still answer.
+        page.click("#preset input")
+        page.get_by_role("option", name="offline+cross").click()
+        page.wait_for_function("document.querySelector('#active-preset').innerText.includes('offline+cross')",
+                               timeout=TIMEOUT)
+        roles = ws.active("offline+cross").roles
+        page.click("#search-btn")
+        wait_for_results(page, columns=len(roles))
+        if "fine" in roles:
+            cross = page.inner_text("#col-3-header")
+            assert "offline-vl-cross" in cross and "rerank" in cross
+        else:
+            assert "The fine matcher is not available (assets/models/fine/vl-cross.pt not found)" in \
+                page.inner_text("#active-preset")
     finally:
         context.close()
         demo.close()
