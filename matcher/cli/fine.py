@@ -99,24 +99,6 @@ def _resume_file(out: Path) -> Path:
     return Path("runs") / f"{out.stem}.resume.pt"
 
 
-def vl_cross_splits(data: str, teacher: str, splits=("train", "val", "test")):
-    """(teacher module, image head, text head, logit scale, {split: CrossSplit}) from the caches."""
-    from matcher.finegrained.checkpoints import teacher_heads
-    from matcher.finegrained.features import fine_features
-    from matcher.finegrained.vl_cross import CrossSplit
-    from matcher.models.dual_encoder import load_checkpoint
-    from matcher.train.features import Flickr8k, cached_text_features
-
-    flickr = Flickr8k.load(data)
-    module = load_checkpoint(teacher).module.eval()
-    image_head, text_head, scale = teacher_heads(module)
-    feats = fine_features(flickr, teacher)
-    lower = cached_text_features(flickr, module.text_tower.trainable_layers)
-    out = {s: CrossSplit.build(feats[s], lower[f"{s}_tokens"], lower[f"{s}_offsets"], image_head, text_head)
-           for s in splits}
-    return module, image_head, text_head, scale, out
-
-
 def cmd_train_vl_cross(args: argparse.Namespace) -> None:
     """The cross-encoder on the teacher's top MiniLM layers, trained on dual hard negatives (resumable)."""
     from dataclasses import asdict
@@ -125,11 +107,11 @@ def cmd_train_vl_cross(args: argparse.Namespace) -> None:
 
     from matcher.cli.train import recipe_arg
     from matcher.finegrained.cross_train import VLCrossRecipe, train_vl_cross
-    from matcher.finegrained.vl_cross import build_vl_cross, save_vl_cross
+    from matcher.finegrained.vl_cross import build_vl_cross, cross_splits, save_vl_cross
 
     recipe = recipe_arg(VLCrossRecipe, args)
     _threads(args.threads)
-    module, image_head, text_head, scale, splits = vl_cross_splits(args.data, args.teacher, ("train", "val"))
+    module, image_head, text_head, scale, splits = cross_splits(args.data, args.teacher, ("train", "val"))
     torch.manual_seed(recipe.seed)
     model = build_vl_cross(module, image_head, text_head, scale if recipe.residual else 0.0, recipe.grid)
     out = Path(args.out)
@@ -151,11 +133,11 @@ def cmd_train_vl_decomposed(args: argparse.Namespace) -> None:
 
     from matcher.cli.train import recipe_arg
     from matcher.finegrained.cross_train import VLDecompRecipe, train_vl_decomposed
-    from matcher.finegrained.vl_cross import VLDecomposed, load_vl_cross, save_vl_cross
+    from matcher.finegrained.vl_cross import VLDecomposed, cross_splits, load_vl_cross, save_vl_cross
 
     recipe = recipe_arg(VLDecompRecipe, args)
     _threads(args.threads)
-    module, _, _, _, splits = vl_cross_splits(args.data, args.teacher, ("train", "val"))
+    module, _, _, _, splits = cross_splits(args.data, args.teacher, ("train", "val"))
     cross, cross_recipe, _ = load_vl_cross(args.cross, module)
     torch.manual_seed(recipe.seed)
     decomposed = VLDecomposed(cross)
@@ -224,5 +206,7 @@ def add_commands(sub) -> None:
     p.add_argument("--pattern", help="only checkpoints matching this glob in --models (default *.pt)")
     p.add_argument("--append", action="store_true", help="merge into the existing results file instead of replacing it")
     p.add_argument("--students", help="comma-separated student checkpoints to tabulate (distillation comparison)")
+    p.add_argument("--ensemble", metavar="ALIGNMENT.pt,VL-CROSS.pt",
+                   help="also fuse an alignment scorer and a vl-cross with the dual cosine (both weights chosen on val)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_eval_fine)

@@ -275,7 +275,7 @@ def train_vl_decomposed(decomposed, cross, train, val, recipe: VLDecompRecipe, r
         m = validate()
         decomposed.train()
         return {"step": r.index, "loss": float(np.mean(r.losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
-                "val": m, "alpha": float(decomposed.alpha), "seconds": round(time.time() - r.began, 1)}
+                "val": m, "alpha": decomposed.alpha.item(), "seconds": round(time.time() - r.began, 1)}
 
     def report(entry: dict) -> None:
         log(f"[vl-decomposed] step {entry['step']}  loss {entry['loss']:.4f}  val rsum {entry['val_rsum']:.2f}  "

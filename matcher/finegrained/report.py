@@ -106,7 +106,14 @@ def run_eval(args) -> dict:
     records = [_record("dual teacher", "dual", "exhaustive", metrics["val"], metrics["test"], encode_ms,
                        search_ms(*dual_emb), dual_pair_us(*dual_emb), gallery_floats_per_image=dual_emb[0].shape[1])]
     candidates = [int(c) for c in str(args.candidates).split(",") if c.strip()]
+    vl = None  # the MiniLM cross-encoder and its decomposition: built on the teacher module, own inputs
     for path in sorted(Path(args.models).glob(getattr(args, "pattern", None) or "*.pt")):
+        kind = torch.load(path, map_location="cpu", weights_only=True).get("kind")
+        if kind in ("vl-cross", "vl-decomposed"):
+            vl = vl or _vl_inputs(args)
+            records += _vl_records(path, kind, vl, encode_ms)
+            print(f"evaluated {path.name}", flush=True)
+            continue
         scorer, recipe, _ = load_scorer(path, image_head, text_head)
         tier = recipe["tier"] if isinstance(recipe, dict) else recipe.tier
         if tier == "alignment":
@@ -117,6 +124,16 @@ def run_eval(args) -> dict:
         else:
             records.append(exhaustive_record(path.stem, scorer, feats, dual_emb, encode_ms, tier))
         print(f"evaluated {path.name}", flush=True)
+    if getattr(args, "ensemble", None):  # "ALIGNMENT.pt,VL-CROSS.pt": both fused with the dual cosine
+        align_path, cross_path = [Path(x) for x in args.ensemble.split(",")]
+        vl = vl or _vl_inputs(args)
+        scorer, _, _ = load_scorer(align_path, image_head, text_head)
+        from matcher.finegrained.vl_cross import load_vl_cross
+        from matcher.finegrained.vl_eval import ensemble_records
+
+        model, recipe, _ = load_vl_cross(cross_path, vl[0])
+        records += ensemble_records(f"{align_path.stem} + {cross_path.stem}", model, scorer, feats, vl[1],
+                                    recipe["candidates"], _vl_record(encode_ms))
     results = Path(args.results)
     previous = _previous(results.with_suffix(".json")) if getattr(args, "append", False) else {}
     if previous:  # keep earlier tiers (same teacher row first), replace re-evaluated ones
@@ -136,6 +153,32 @@ def run_eval(args) -> dict:
     write_records_csv(results.with_suffix(".csv"), records)
     print(format_table(records))
     return report
+
+
+def _vl_inputs(args) -> tuple:
+    from matcher.finegrained.vl_cross import cross_splits
+
+    module, _, _, _, splits = cross_splits(args.data, args.teacher, ("val", "test"))
+    return module, splits
+
+
+def _vl_record(encode_ms: float):
+    """``_record`` with the teacher's text-encoding time filled in (the vl rows pass the rest)."""
+    def record(name, tier, mode, val, test, search, cost, **extra):
+        return _record(name, tier, mode, val, test, encode_ms, search, cost, **extra)
+    return record
+
+
+def _vl_records(path: Path, kind: str, vl: tuple, encode_ms: float) -> list[dict]:
+    from matcher.finegrained.vl_cross import load_vl_cross
+    from matcher.finegrained.vl_eval import cross_records, decomposed_record
+
+    module, splits = vl
+    model, recipe, _ = load_vl_cross(path, module)
+    record = _vl_record(encode_ms)
+    if kind == "vl-cross":
+        return cross_records(path.stem, model, splits, recipe["candidates"], record)
+    return [decomposed_record(path.stem, model, splits, record)]
 
 
 def student_records(data_root: str, paths: list[str]) -> list[dict]:

@@ -66,6 +66,24 @@ class CrossSplit:
         return self.fine.region_batch(images), states, mask, cos
 
 
+def cross_splits(data, teacher, splits=("train", "val", "test")):
+    """(teacher module, image head, text head, logit scale, {split: CrossSplit}) from the training caches
+    (Flickr8k folder ``data``, teacher checkpoint path ``teacher``)."""
+    from matcher.finegrained.checkpoints import teacher_heads
+    from matcher.finegrained.features import fine_features
+    from matcher.models.dual_encoder import load_checkpoint
+    from matcher.train.features import Flickr8k, cached_text_features
+
+    flickr = Flickr8k.load(data)
+    module = load_checkpoint(teacher).module.eval()
+    image_head, text_head, scale = teacher_heads(module)
+    feats = fine_features(flickr, teacher)
+    lower = cached_text_features(flickr, module.text_tower.trainable_layers)
+    out = {s: CrossSplit.build(feats[s], lower[f"{s}_tokens"], lower[f"{s}_offsets"], image_head, text_head)
+           for s in splits}
+    return module, image_head, text_head, scale, out
+
+
 class VLCrossEncoder(nn.Module):
     def __init__(self, layers: list[nn.Module], lower_norm: nn.LayerNorm, image_head: nn.Linear, text_head: nn.Linear,
                  residual_scale: float, grid: int = 4):
@@ -98,7 +116,11 @@ class VLCrossEncoder(nn.Module):
                     cos: torch.Tensor) -> torch.Tensor:
         """[P] scores of aligned pairs: regions [P, R, 1280], lower-layer states [P, L, width] with
         mask [P, L] (True at words, [CLS] first), and the pairs' dual cosines [P]."""
-        img = self.image_tokens(regions)
+        return self.score_tokens(self.image_tokens(regions), states, mask, cos)
+
+    def score_tokens(self, img: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+                     cos: torch.Tensor) -> torch.Tensor:
+        """``score_pairs`` from image tokens already made (a gallery stores them once per photo)."""
         h = torch.cat([states, img], 1)
         keep = torch.cat([mask.to(h.dtype), torch.ones(img.shape[:2], dtype=h.dtype)], 1)
         additive = (1.0 - keep[:, None, None, :]) * torch.finfo(h.dtype).min

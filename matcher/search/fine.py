@@ -94,16 +94,9 @@ class _VLCross:
         return lower, mask
 
     def scores(self, stored: torch.Tensor, cosines: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``VLCrossEncoder.score_pairs`` with the image tokens given (stored per photo instead of
-        projected from its regions per query); tests check the two agree."""
+        """``VLCrossEncoder.score_tokens``: the image tokens are stored per photo, the query's states shared."""
         n = len(stored)
-        h = torch.cat([states.expand(n, -1, -1), stored], 1)
-        keep = torch.cat([mask.expand(n, -1).to(h.dtype), torch.ones(stored.shape[:2], dtype=h.dtype)], 1)
-        additive = (1.0 - keep[:, None, None, :]) * torch.finfo(h.dtype).min
-        for layer in self.model.layers:
-            out = layer(h, attention_mask=additive)
-            h = out[0] if isinstance(out, tuple) else out
-        return self.model.head(h[:, 0]).squeeze(-1) + self.model.residual_scale * cosines
+        return self.model.score_tokens(stored, states.expand(n, -1, -1), mask.expand(n, -1), cosines)
 
 
 def _reader(scorer: torch.nn.Module):

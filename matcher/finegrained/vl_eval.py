@@ -1,0 +1,135 @@
+"""``eval-fine`` rows of the MiniLM cross-encoder (``vl-cross``) and its decomposition (``vl-decomposed``).
+
+Same protocol and columns as the other fine tiers (``matcher.finegrained.report``): the cross-encoder
+re-ranks the dual teacher's top-C in both directions, pure and fused (λ chosen on val); the
+decomposition is a dual encoder again and ranks every image exhaustively. Costs: per-pair µs of the
+scorer, and one text query's search on the 1000-image test gallery after the teacher's text encoding
+(the cross-encoder reads the lower-layer word states that encoding produces anyway; the
+decomposition runs its two layers on the caption once more).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from matcher.eval.metrics import retrieval_metrics
+from matcher.finegrained.evaluate import rerank_metrics
+from matcher.finegrained.vl_cross import CrossSplit, score_pairs, shortlists
+
+FUSE_GRID = tuple(2.0 ** k for k in range(-6, 5))
+
+
+def _median_ms(fn, repeats: int = 30) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
+
+
+def pair_us(model, split: CrossSplit, pairs: int = 512, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    caps, imgs = rng.integers(0, split.fine.n_captions, pairs), rng.integers(0, len(split), pairs)
+    return _median_ms(lambda: score_pairs(model, split, caps, imgs), 3) * 1000 / pairs
+
+
+def rerank_search_ms(model, split: CrossSplit, candidates: int, queries: int = 30) -> float:
+    """One caption (lower-layer states given): dual scores + top-C, then the cross-encoder on C pairs."""
+    qs = iter(range(10 ** 9))
+
+    def one() -> None:
+        q = next(qs) % split.fine.n_captions
+        with torch.inference_mode():
+            top = torch.topk(split.images @ split.texts[q], candidates).indices.numpy()
+            score_pairs(model, split, np.full(candidates, q), top)
+
+    return _median_ms(one, queries)
+
+
+def decomposed_search_ms(model, split: CrossSplit, queries: int = 30) -> float:
+    """One caption: its decomposed vector (two layers on the lower-layer states) + the exhaustive product."""
+    with torch.inference_mode():
+        v = torch.cat([model.encode_image(split.fine.region_batch(np.arange(s, min(s + 250, len(split)))))
+                       for s in range(0, len(split), 250)])
+    qs = iter(range(10 ** 9))
+
+    def one() -> None:
+        q = next(qs) % split.fine.n_captions
+        with torch.inference_mode():
+            u = model.encode_text(*split.lower.token_batch(np.array([q])))
+            s = model.alpha * (v @ u[0]) + model.residual_scale * (split.images @ split.texts[q])
+            torch.topk(s, 10)
+
+    return _median_ms(one, queries)
+
+
+def cross_records(name: str, model, splits: dict, candidates: int, record) -> list[dict]:
+    """Pure and fused re-ranking rows at shortlist size C; ``record`` builds a row like the other tiers'."""
+    lists = {s: shortlists(model, splits[s], candidates, progress=f"{name} {s}") for s in ("val", "test")}
+    duals = {s: splits[s].dual for s in ("val", "test")}
+    cost, search = pair_us(model, splits["test"]), rerank_search_ms(model, splits["test"], candidates)
+    pure = {s: rerank_metrics(duals[s], lists[s], splits[s].caption_image) for s in ("val", "test")}
+    rows = [record(f"{name} re-rank C={candidates}", "vl-cross", "rerank", pure["val"], pure["test"], search, cost,
+                   candidates=candidates)]
+    by_lam = {lam: rerank_metrics(duals["val"], lists["val"], splits["val"].caption_image, fuse=lam)["rsum"]
+              for lam in FUSE_GRID}
+    lam = max(by_lam, key=by_lam.get)
+    fused = {s: rerank_metrics(duals[s], lists[s], splits[s].caption_image, fuse=lam) for s in ("val", "test")}
+    rows.append(record(f"{name} fused C={candidates}", "vl-cross", "fused", fused["val"], fused["test"], search, cost,
+                       candidates=candidates, fuse_lambda=lam))
+    return rows
+
+
+def decomposed_record(name: str, model, splits: dict, record) -> dict:
+    """The decomposition as an exhaustive dual encoder; per pair it costs one product of the dual
+    embeddings and one of the decomposed vectors (timed as the two [captions, images] products)."""
+    metrics = {s: retrieval_metrics(model.full_scores(splits[s]), splits[s].caption_image) for s in ("val", "test")}
+    test = splits["test"]
+    d = model.image_out.out_features
+    u, v = torch.randn(test.fine.n_captions, d), torch.randn(len(test), d)
+    product = _median_ms(lambda: (u @ v.T, test.texts @ test.images.T), 3)
+    return record(name, "vl-decomposed", "exhaustive", metrics["val"], metrics["test"],
+                  decomposed_search_ms(model, test), product * 1000 / (len(u) * len(v)),
+                  gallery_floats_per_image=splits["test"].images.shape[1] + model.image_out.out_features,
+                  alpha=round(model.alpha.item(), 4))
+
+
+def ensemble_records(name: str, model, scorer, scorer_feats: dict, splits: dict, candidates: int, record) -> list[dict]:
+    """The teacher's top-C re-scored by dual + λa·alignment + λc·cross, both λ chosen on val.
+
+    Two interaction scores whose errors differ (region-word alignment and early interaction) fused
+    with the dual cosine: the row says whether they add up. ``scorer`` is an alignment scorer and
+    ``scorer_feats`` its FineSplits (same images and captions as ``splits``).
+    """
+    from dataclasses import replace
+
+    from matcher.finegrained.evaluate import encode_split, pair_scores
+
+    cross = {s: shortlists(model, splits[s], candidates, progress=f"{name} {s}") for s in ("val", "test")}
+    align = {}
+    for s in ("val", "test"):
+        enc, lists = encode_split(scorer, scorer_feats[s]), cross[s]
+        t2i_caps = np.repeat(np.arange(len(lists.t2i)), lists.t2i.shape[1])
+        i2t_imgs = np.repeat(np.arange(len(lists.i2t)), lists.i2t.shape[1])
+        align[s] = (pair_scores(scorer, enc, t2i_caps, lists.t2i.ravel()).reshape(lists.t2i.shape),
+                    pair_scores(scorer, enc, lists.i2t.ravel(), i2t_imgs).reshape(lists.i2t.shape))
+
+    def fused(s: str, la: float, lc: float):
+        lists = cross[s]
+        return replace(lists, t2i_fine=la * align[s][0] + lc * lists.t2i_fine,
+                       i2t_fine=la * align[s][1] + lc * lists.i2t_fine)
+
+    grid = (0.0, *FUSE_GRID)
+    val = {(la, lc): rerank_metrics(splits["val"].dual, fused("val", la, lc), splits["val"].caption_image, fuse=1.0)["rsum"]
+           for la in grid for lc in grid}
+    la, lc = max(val, key=val.get)
+    metrics = {s: rerank_metrics(splits[s].dual, fused(s, la, lc), splits[s].caption_image, fuse=1.0)
+               for s in ("val", "test")}
+    cost = pair_us(model, splits["test"])
+    return [record(f"{name} fused C={candidates}", "ensemble", "fused", metrics["val"], metrics["test"],
+                   rerank_search_ms(model, splits["test"], candidates), cost, candidates=candidates,
+                   fuse_lambda_alignment=la, fuse_lambda_cross=lc)]
