@@ -65,8 +65,6 @@ def cmd_train_student(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate_student(args: argparse.Namespace) -> None:
-    import shutil
-
     from matcher.train.student import StudentRecipe, run_ablation
 
     recipe = recipe_arg(StudentRecipe, args)
@@ -80,12 +78,9 @@ def cmd_ablate_student(args: argparse.Namespace) -> None:
         except ValueError:
             fail(f"--seeds takes comma-separated integers such as 0,1,2, not {args.seeds!r}")
     result = run_ablation(args.data, args.work_dir, recipe, variants, args.results,
-                          args.gallery, args.split, command, resume=args.resume, seeds=seeds,
-                          costs=not args.no_costs)
-    print(f"wrote {args.results} and {Path(args.results).with_suffix('.csv')}; best on val: {result['best']['loss']}")
-    if args.install:
-        shutil.copy(result["best"]["checkpoint"], args.install)
-        print(f"installed {result['best']['checkpoint']} as {args.install}")
+                          args.gallery, args.split, command, resume=args.resume, seeds=seeds)
+    print(f"wrote {args.results} and {Path(args.results).with_suffix('.csv')}; best on val: {result['best']['loss']}, "
+          f"checkpoint {result['best']['checkpoint']} (to ship it, copy it to assets/models/offline-student.pt)")
 
 
 def _student_args(p: argparse.ArgumentParser) -> None:
@@ -115,12 +110,9 @@ def add_commands(sub) -> None:
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "matcher" / "ablation"),
                    help="where the per-loss checkpoints go")
     p.add_argument("--results", default="assets/results/ablation.json")
-    p.add_argument("--install", help="copy the best-on-val checkpoint here (e.g. assets/models/offline-student.pt)")
     p.add_argument("--resume", action="store_true",
                    help="keep the variants an interrupted run of the same ablation already finished (--results, --work-dir)")
     p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): every loss once per seed, with the per-loss "
-                                   "mean, min..max and std of val and test rsum; best loss = best mean val rsum")
-    p.add_argument("--no-costs", action="store_true",
-                   help="skip the cost measurement of the best checkpoint (e.g. in one of several processes "
-                        "sharing --work-dir; a final --resume run measures it)")
+                                   "mean, min..max and std of val and test rsum; best loss = best mean val rsum; "
+                                   "processes given other --losses/--seeds may share --work-dir")
     p.set_defaults(func=cmd_ablate_student)

@@ -392,14 +392,13 @@ def seed_summary(rows: list[dict]) -> list[dict]:
 
 def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe, variants: list[str],
                  results: str | Path, gallery_path: str | Path, split: str = "test", command: str = "",
-                 resume: bool = False, seeds: list[int] | None = None, costs: bool = True) -> dict:
+                 resume: bool = False, seeds: list[int] | None = None) -> dict:
     """Train every variant with the same recipe/budget (and seed, or each of ``seeds``); tabulate
     recall, costs and teacher ratios.
 
     Every variant has the same architecture, so costs (params, text-query latency, image throughput)
     are measured once, with ``measure_encoders`` (the code path of ``python -m matcher eval``) on
-    the checkpoint that is best on val; the teacher gets the same treatment (``costs=False``
-    skips this, e.g. for one of several processes sharing the runs). Per-variant test recall
+    the checkpoint that is best on val; the teacher gets the same treatment. Per-variant test recall
     comes from the cached test trunk features (float16 cache, same weights); the best variant's
     full-pipeline test recall is stored in the header next to it. The table is rewritten after
     every variant so a long run can be watched. ``resume`` reuses the runs an interrupted run of
@@ -474,12 +473,6 @@ def run_ablation(data_root: str | Path, out_dir: str | Path, base: StudentRecipe
     header.update(best_on_val=best_name, best_checkpoint=str(best_ckpt))
     if multi:
         header["best_seed"] = best_recipe.seed
-    if not costs:
-        header["note"] = "test recall per row from cached trunk features; costs not measured (--no-costs)"
-        rows, summary = table(trained_runs, pending)
-        write_ablation(results, rows, header, summary)
-        best = next(r for r, run in zip(rows, trained_runs) if run is best_run)
-        return {"rows": rows, "best": {**best, "checkpoint": str(best_ckpt)}, "teacher": None, "student": None}
     gallery = open_gallery(gallery_path).select(split)
     entries = measure_encoders([base.teacher, str(best_ckpt)], gallery)  # speeds timed together
     teacher, student = entries[base.teacher], entries[str(best_ckpt)]
