@@ -238,7 +238,7 @@ class VLDecompRecipe:
     negatives: int = 3
     pool: int = 10
     lr: float = 5e-5              # the (copied) MiniLM layers
-    new_lr: float = 1e-3          # the two output maps and alpha
+    new_lr: float = 1e-3          # the two output maps
     listnet_weight: float = 1.0   # match the cross-encoder's distribution over each group
     ce_weight: float = 0.5        # and keep the positive first
     eval_every: int = 200
@@ -275,11 +275,11 @@ def train_vl_decomposed(decomposed, cross, train, val, recipe: VLDecompRecipe, r
         m = validate()
         decomposed.train()
         return {"step": r.index, "loss": float(np.mean(r.losses[-recipe.eval_every:])), "val_rsum": m["rsum"],
-                "val": m, "alpha": decomposed.alpha.item(), "seconds": round(time.time() - r.began, 1)}
+                "val": m, "seconds": round(time.time() - r.began, 1)}
 
     def report(entry: dict) -> None:
         log(f"[vl-decomposed] step {entry['step']}  loss {entry['loss']:.4f}  val rsum {entry['val_rsum']:.2f}  "
-            f"alpha {entry['alpha']:.2f}  ({entry['seconds']:.0f}s)")
+            f"({entry['seconds']:.0f}s)")
 
     for p in decomposed.parameters():
         p.requires_grad_(True)
@@ -289,7 +289,7 @@ def train_vl_decomposed(decomposed, cross, train, val, recipe: VLDecompRecipe, r
     start = BestOnVal(decomposed)
     if resume is None or not Path(resume).exists():
         m = validate()
-        start.record({"step": 0, "loss": float("nan"), "val_rsum": m["rsum"], "val": m, "alpha": 0.0, "seconds": 0.0})
+        start.record({"step": 0, "loss": float("nan"), "val_rsum": m["rsum"], "val": m, "seconds": 0.0})
         report(start.best)
     best = fit(decomposed, Optimiser([{"params": layers, "lr": recipe.lr}, {"params": new, "lr": recipe.new_lr}], 1e-4,
                                      recipe.steps, pct_start=0.1),

@@ -107,11 +107,12 @@ def run_eval(args) -> dict:
                        search_ms(*dual_emb), dual_pair_us(*dual_emb), gallery_floats_per_image=dual_emb[0].shape[1])]
     candidates = [int(c) for c in str(args.candidates).split(",") if c.strip()]
     vl = None  # the MiniLM cross-encoder and its decomposition: built on the teacher module, own inputs
+    vl_lists: dict = {}  # checkpoint path -> its scored shortlists, reused by --ensemble
     for path in sorted(Path(args.models).glob(getattr(args, "pattern", None) or "*.pt")):
         kind = torch.load(path, map_location="cpu", weights_only=True).get("kind")
         if kind in ("vl-cross", "vl-decomposed"):
             vl = vl or _vl_inputs(args)
-            records += _vl_records(path, kind, vl, encode_ms)
+            records += _vl_records(path, kind, vl, encode_ms, vl_lists)
             print(f"evaluated {path.name}", flush=True)
             continue
         scorer, recipe, _ = load_scorer(path, image_head, text_head)
@@ -133,7 +134,7 @@ def run_eval(args) -> dict:
 
         model, recipe, _ = load_vl_cross(cross_path, vl[0])
         records += ensemble_records(f"{align_path.stem} + {cross_path.stem}", model, scorer, feats, vl[1],
-                                    recipe["candidates"], _vl_record(encode_ms))
+                                    recipe["candidates"], _vl_record(encode_ms), vl_lists.get(cross_path.resolve()))
     results = Path(args.results)
     previous = _previous(results.with_suffix(".json")) if getattr(args, "append", False) else {}
     if previous:  # keep earlier tiers (same teacher row first), replace re-evaluated ones
@@ -169,15 +170,16 @@ def _vl_record(encode_ms: float):
     return record
 
 
-def _vl_records(path: Path, kind: str, vl: tuple, encode_ms: float) -> list[dict]:
+def _vl_records(path: Path, kind: str, vl: tuple, encode_ms: float, vl_lists: dict) -> list[dict]:
     from matcher.finegrained.vl_cross import load_vl_cross
-    from matcher.finegrained.vl_eval import cross_records, decomposed_record
+    from matcher.finegrained.vl_eval import cross_records, cross_shortlists, decomposed_record
 
     module, splits = vl
     model, recipe, _ = load_vl_cross(path, module)
     record = _vl_record(encode_ms)
     if kind == "vl-cross":
-        return cross_records(path.stem, model, splits, recipe["candidates"], record)
+        lists = vl_lists[path.resolve()] = cross_shortlists(path.stem, model, splits, recipe["candidates"])
+        return cross_records(path.stem, model, splits, recipe["candidates"], record, lists)
     return [decomposed_record(path.stem, model, splits, record)]
 
 

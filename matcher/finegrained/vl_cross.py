@@ -216,11 +216,12 @@ def quick_rerank_metrics(model: VLCrossEncoder, split: CrossSplit, candidates: i
 class VLDecomposed(nn.Module):
     """The cross-encoder's layers run on each modality alone (after VLDeformer): a dual encoder again.
 
-    Only the cross-encoder's *correction* is decomposed: score = s * (dual cosine) + alpha * <u, v>,
-    with u a unit vector from the caption's [CLS] output of the layers run on its words alone and v
-    from the image's global-token output of the layers run on its regions alone. alpha starts at 0,
-    so the untrained decomposition ranks exactly as the teacher, and gallery images are encoded once
-    (the dual embedding plus v), so a query costs one text encoding and a matrix product.
+    Only the cross-encoder's *correction* is decomposed: score = s * (dual cosine) + <u, v>, with u a
+    linear map of the caption's [CLS] output of the layers run on its words alone and v a unit vector
+    from the image's global-token output of the layers run on its regions alone. u's map starts at
+    zero, so the untrained decomposition ranks exactly as the teacher while v (and through it, u's
+    map) still gets a gradient from the first step; gallery images are encoded once (the dual
+    embedding plus v), so a query costs one text encoding and a matrix product.
     """
 
     def __init__(self, cross: VLCrossEncoder, dim: int = 256):
@@ -228,7 +229,8 @@ class VLDecomposed(nn.Module):
         self.cross = copy.deepcopy(cross)
         width = cross.config["width"]
         self.text_out, self.image_out = nn.Linear(width, dim), nn.Linear(width, dim)
-        self.alpha = nn.Parameter(torch.zeros(()))
+        nn.init.zeros_(self.text_out.weight)
+        nn.init.zeros_(self.text_out.bias)
         self.residual_scale = cross.residual_scale
         self.config = {**cross.config, "decomposed_dim": dim}
 
@@ -240,8 +242,9 @@ class VLDecomposed(nn.Module):
         return h[:, 0]
 
     def encode_text(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[T, dim] unit vectors from lower-layer states [T, L, width] ([CLS] first)."""
-        return F.normalize(self.text_out(self._run(states, mask)), dim=-1)
+        """[T, dim] correction vectors (not normalised: their length is how much a caption corrects)
+        from lower-layer states [T, L, width] ([CLS] first)."""
+        return self.text_out(self._run(states, mask))
 
     def encode_image(self, regions: torch.Tensor) -> torch.Tensor:
         """[I, dim] unit vectors from region features [I, R, 1280] (the global token's output)."""
@@ -251,7 +254,7 @@ class VLDecomposed(nn.Module):
     def score_pairs(self, regions: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
                     cos: torch.Tensor) -> torch.Tensor:
         u, v = self.encode_text(states, mask), self.encode_image(regions)
-        return self.alpha * (u * v).sum(-1) + self.residual_scale * cos
+        return (u * v).sum(-1) + self.residual_scale * cos
 
     def full_scores(self, split: CrossSplit, batch: int = 250) -> np.ndarray:
         """Exhaustive [captions, images] scores: every caption against every image, as a dual encoder."""
@@ -262,4 +265,4 @@ class VLDecomposed(nn.Module):
             n = split.fine.n_captions
             u = torch.cat([self.encode_text(*split.lower.token_batch(np.arange(s, min(s + batch, n))))
                            for s in range(0, n, batch)])
-            return (self.alpha * (u @ v.T) + self.residual_scale * (split.texts @ split.images.T)).numpy()
+            return (u @ v.T + self.residual_scale * (split.texts @ split.images.T)).numpy()

@@ -61,15 +61,20 @@ def decomposed_search_ms(model, split: CrossSplit, queries: int = 30) -> float:
         q = next(qs) % split.fine.n_captions
         with torch.inference_mode():
             u = model.encode_text(*split.lower.token_batch(np.array([q])))
-            s = model.alpha * (v @ u[0]) + model.residual_scale * (split.images @ split.texts[q])
+            s = v @ u[0] + model.residual_scale * (split.images @ split.texts[q])
             torch.topk(s, 10)
 
     return _median_ms(one, queries)
 
 
-def cross_records(name: str, model, splits: dict, candidates: int, record) -> list[dict]:
+def cross_shortlists(name: str, model, splits: dict, candidates: int) -> dict:
+    """{split: Shortlists} of the teacher's top-C scored by the cross-encoder (the costly part: reused)."""
+    return {s: shortlists(model, splits[s], candidates, progress=f"{name} {s}") for s in ("val", "test")}
+
+
+def cross_records(name: str, model, splits: dict, candidates: int, record, lists: dict | None = None) -> list[dict]:
     """Pure and fused re-ranking rows at shortlist size C; ``record`` builds a row like the other tiers'."""
-    lists = {s: shortlists(model, splits[s], candidates, progress=f"{name} {s}") for s in ("val", "test")}
+    lists = lists or cross_shortlists(name, model, splits, candidates)
     duals = {s: splits[s].dual for s in ("val", "test")}
     cost, search = pair_us(model, splits["test"]), rerank_search_ms(model, splits["test"], candidates)
     pure = {s: rerank_metrics(duals[s], lists[s], splits[s].caption_image) for s in ("val", "test")}
@@ -94,11 +99,11 @@ def decomposed_record(name: str, model, splits: dict, record) -> dict:
     product = _median_ms(lambda: (u @ v.T, test.texts @ test.images.T), 3)
     return record(name, "vl-decomposed", "exhaustive", metrics["val"], metrics["test"],
                   decomposed_search_ms(model, test), product * 1000 / (len(u) * len(v)),
-                  gallery_floats_per_image=splits["test"].images.shape[1] + model.image_out.out_features,
-                  alpha=round(model.alpha.item(), 4))
+                  gallery_floats_per_image=splits["test"].images.shape[1] + model.image_out.out_features)
 
 
-def ensemble_records(name: str, model, scorer, scorer_feats: dict, splits: dict, candidates: int, record) -> list[dict]:
+def ensemble_records(name: str, model, scorer, scorer_feats: dict, splits: dict, candidates: int, record,
+                     lists: dict | None = None) -> list[dict]:
     """The teacher's top-C re-scored by dual + λa·alignment + λc·cross, both λ chosen on val.
 
     Two interaction scores whose errors differ (region-word alignment and early interaction) fused
@@ -109,7 +114,7 @@ def ensemble_records(name: str, model, scorer, scorer_feats: dict, splits: dict,
 
     from matcher.finegrained.evaluate import encode_split, pair_scores
 
-    cross = {s: shortlists(model, splits[s], candidates, progress=f"{name} {s}") for s in ("val", "test")}
+    cross = lists or cross_shortlists(name, model, splits, candidates)
     align = {}
     for s in ("val", "test"):
         enc, lists = encode_split(scorer, scorer_feats[s]), cross[s]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from matcher.finegrained.checkpoints import FineRecipe
-from matcher.finegrained.cross_train import CrossRecipe
+from matcher.finegrained.cross_train import CrossRecipe, VLCrossRecipe, VLDecompRecipe
 from matcher.hashing.train import HashRecipe
 from matcher.paths import REPO_ROOT
 from matcher.train.recipes import RECIPES_DIR, RecipeError, load_recipe
@@ -55,6 +55,13 @@ def _cross(name: str):
     return recorded
 
 
+def _vl(name: str, *context: str):
+    def recorded():
+        payload = torch.load(MODELS / "fine" / f"{name}.pt", map_location="cpu", weights_only=True)
+        return {k: v for k, v in payload["recipe"].items() if k not in context}
+    return recorded
+
+
 # shipped file -> (recipe class, what the artefact's own record says it was trained with)
 SHIPPED = {
     "teacher": (TeacherRecipe, _teacher),
@@ -65,6 +72,8 @@ SHIPPED = {
     **{f"fine-codes-inflate-{m}": (FineRecipe, _fine(f"codes-inflate-{m}")) for m in (16, 8, 4, 2, 1)},
     "cross": (CrossRecipe, _cross("cross")),
     "cross-residual": (CrossRecipe, _cross("cross-residual")),
+    "vl-cross": (VLCrossRecipe, _vl("vl-cross", "teacher")),
+    "vl-decomposed": (VLDecompRecipe, _vl("vl-decomposed", "cross", "cross_recipe")),
 }
 
 
@@ -143,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"train-teacher": (TeacherRecipe, "teacher"), "train-student": (StudentRecipe, "student"),
             "ablate-student": (StudentRecipe, "student"), "train-hash": (HashRecipe, "hash"),
-            "train-fine": (FineRecipe, "fine-alignment-sum"), "train-cross": (CrossRecipe, "cross")}
+            "train-fine": (FineRecipe, "fine-alignment-sum"), "train-cross": (CrossRecipe, "cross"),
+            "train-vl-cross": (VLCrossRecipe, "vl-cross"), "train-vl-decomposed": (VLDecompRecipe, "vl-decomposed")}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

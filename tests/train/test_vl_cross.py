@@ -153,7 +153,7 @@ def test_checkpoint_round_trip_scores_the_same(tower, tmp_path, kind):
     recipe = {"residual": True, "grid": 2}
     if kind == "vl-decomposed":
         model = VLDecomposed(model)
-        nn.init.constant_(model.alpha, 3.0)
+        nn.init.normal_(model.text_out.weight)
         recipe = {"cross_recipe": recipe}
     save_vl_cross(tmp_path / "m.pt", model, kind, recipe, {})
     loaded, loaded_recipe, _ = load_vl_cross(tmp_path / "m.pt", teacher)
@@ -164,3 +164,36 @@ def test_checkpoint_round_trip_scores_the_same(tower, tmp_path, kind):
         b = loaded.score_pairs(*split.pairs(caps, caps[::-1].copy()))
     assert torch.allclose(a, b, atol=2e-2)  # stored as float16
     assert not torch.allclose(a, scale * torch.from_numpy(split.dual[caps, caps[::-1]]), atol=1e-3)
+
+
+def test_decomposition_starts_at_the_teacher_and_its_distillation_lowers_the_loss(tower):
+    from matcher.finegrained.vl_cross import VLDecomposed
+
+    split, ih, th = _split(tower)
+    cross = _model(tower, ih, th, residual_scale=5.0)
+    nn.init.normal_(cross.head[-1].weight, std=5.0)  # a cross-encoder whose correction is far from zero
+    cross.eval()
+    torch.manual_seed(0)
+    decomposed = VLDecomposed(cross)
+    full = decomposed.full_scores(split)
+    assert np.allclose(full, 5.0 * split.dual, atol=1e-5)  # u's map at zero: exactly the scaled dual cosine
+    caps, imgs = np.repeat(np.arange(6), 6), np.tile(np.arange(6), 6)
+    inputs = split.pairs(caps, imgs)
+    with torch.no_grad():
+        target = cross.score_pairs(*inputs).view(6, 6)
+
+    def loss() -> torch.Tensor:
+        scores = decomposed.score_pairs(*inputs).view(6, 6)
+        return -(torch.softmax(target, 1) * torch.log_softmax(scores, 1)).sum(1).mean()
+
+    decomposed.eval()  # no dropout: a deterministic loss to compare
+    opt = torch.optim.AdamW([*decomposed.text_out.parameters(), *decomposed.image_out.parameters()], lr=3e-3)
+    floor = -(torch.softmax(target, 1) * torch.log_softmax(target, 1)).sum(1).mean().item()  # loss at a perfect copy
+    first = loss().item()
+    for _ in range(60):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    assert loss().item() - floor < 0.7 * (first - floor)
+    assert decomposed.text_out.weight.abs().sum() > 0
