@@ -125,7 +125,7 @@ def code_diversity(scorer, split: FineSplit, images: int = 200) -> dict[str, flo
 
 # -- costs ----------------------------------------------------------------------------------------
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -139,7 +139,7 @@ def pair_cost_us(scorer, enc: Encoded, pairs: int = 2000, seed: int = 0) -> floa
     """Microseconds per (caption, image) pair scored, batched, on the current torch threads."""
     rng = np.random.default_rng(seed)
     caps, imgs = rng.integers(0, len(enc.texts), pairs), rng.integers(0, len(enc.images), pairs)
-    return _median_ms(lambda: pair_scores(scorer, enc, caps, imgs), 3) * 1000 / pairs
+    return median_ms(lambda: pair_scores(scorer, enc, caps, imgs), 3) * 1000 / pairs
 
 
 def search_ms(dual_images: torch.Tensor, dual_texts: torch.Tensor, scorer=None, enc: Encoded | None = None,
@@ -168,4 +168,4 @@ def search_ms(dual_images: torch.Tensor, dual_texts: torch.Tensor, scorer=None, 
                 torch.topk(s, 10)
 
     qs = iter(range(10**9))
-    return _median_ms(lambda: one(next(qs) % len(dual_texts)), queries)
+    return median_ms(lambda: one(next(qs) % len(dual_texts)), queries)

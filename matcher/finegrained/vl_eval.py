@@ -15,26 +15,16 @@ import numpy as np
 import torch
 
 from matcher.eval.metrics import retrieval_metrics
-from matcher.finegrained.evaluate import rerank_metrics
+from matcher.finegrained.evaluate import median_ms, rerank_metrics
 from matcher.finegrained.vl_cross import CrossSplit, score_pairs, shortlists
 
 FUSE_GRID = tuple(2.0 ** k for k in range(-6, 5))
 
 
-def _median_ms(fn, repeats: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1000)
-
-
 def pair_us(model, split: CrossSplit, pairs: int = 512, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     caps, imgs = rng.integers(0, split.fine.n_captions, pairs), rng.integers(0, len(split), pairs)
-    return _median_ms(lambda: score_pairs(model, split, caps, imgs), 3) * 1000 / pairs
+    return median_ms(lambda: score_pairs(model, split, caps, imgs), 3) * 1000 / pairs
 
 
 def rerank_search_ms(model, split: CrossSplit, candidates: int, queries: int = 30) -> float:
@@ -47,7 +37,7 @@ def rerank_search_ms(model, split: CrossSplit, candidates: int, queries: int = 3
             top = torch.topk(split.images @ split.texts[q], candidates).indices.numpy()
             score_pairs(model, split, np.full(candidates, q), top)
 
-    return _median_ms(one, queries)
+    return median_ms(one, queries)
 
 
 def decomposed_search_ms(model, split: CrossSplit, queries: int = 30) -> float:
@@ -64,7 +54,7 @@ def decomposed_search_ms(model, split: CrossSplit, queries: int = 30) -> float:
             s = v @ u[0] + model.residual_scale * (split.images @ split.texts[q])
             torch.topk(s, 10)
 
-    return _median_ms(one, queries)
+    return median_ms(one, queries)
 
 
 def cross_shortlists(name: str, model, splits: dict, candidates: int) -> dict:
@@ -96,7 +86,7 @@ def decomposed_record(name: str, model, splits: dict, record) -> dict:
     test = splits["test"]
     d = model.image_out.out_features
     u, v = torch.randn(test.fine.n_captions, d), torch.randn(len(test), d)
-    product = _median_ms(lambda: (u @ v.T, test.texts @ test.images.T), 3)
+    product = median_ms(lambda: (u @ v.T, test.texts @ test.images.T), 3)
     return record(name, "vl-decomposed", "exhaustive", metrics["val"], metrics["test"],
                   decomposed_search_ms(model, test), product * 1000 / (len(u) * len(v)),
                   gallery_floats_per_image=splits["test"].images.shape[1] + model.image_out.out_features)

@@ -11,13 +11,7 @@ from matcher.train.losses import (DISTILLATION_LOSSES, LOSSES, DistillationObjec
 B, D = 24, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: extra threads only add contention on a shared CPU (60x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def _pair(seed: int, noise: float = 0.7):

@@ -17,12 +17,7 @@ from matcher.train.student import (StudentRecipe, _finished_run, _run_record, _v
 B, D = 12, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 class _FakeAlignment:
