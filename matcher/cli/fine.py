@@ -206,7 +206,8 @@ def add_commands(sub) -> None:
     p.add_argument("--pattern", help="only checkpoints matching this glob in --models (default *.pt)")
     p.add_argument("--append", action="store_true", help="merge into the existing results file instead of replacing it")
     p.add_argument("--students", help="comma-separated student checkpoints to tabulate (distillation comparison)")
-    p.add_argument("--ensemble", metavar="ALIGNMENT.pt,VL-CROSS.pt",
-                   help="also fuse an alignment scorer and a vl-cross with the dual cosine (both weights chosen on val)")
+    p.add_argument("--ensemble", metavar="A.pt,B.pt,...",
+                   help="also one row fusing these fine checkpoints with the dual cosine on the first --candidates "
+                        "shortlist (each weight chosen on val, 0 allowed)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_eval_fine)

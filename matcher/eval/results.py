@@ -219,7 +219,8 @@ CHAR_PX = 6.2                 # average width of one character at LABEL_FONT_PX
 LINE_PX = 13
 MARKER_PX = 12
 PLOT_AREA_PX = (700.0, 360.0)  # (width, height) of the plot area, legend and margins excluded
-LABEL_POSITIONS = ("top center", "bottom center", "middle right", "middle left")
+LABEL_POSITIONS = ("top center", "bottom center", "middle right", "middle left",
+                   "top left", "top right", "bottom left", "bottom right")  # corners: for crowded neighbours
 Box = tuple[float, float, float, float]   # x0, y0, x1, y1 in pixels, y upwards
 
 
@@ -235,7 +236,12 @@ def _label_box(x: float, y: float, text: str, position: str) -> Box:
         return (x - w / 2, y - gap - h, x + w / 2, y - gap)
     if position == "middle right":
         return (x + gap, y - h / 2, x + gap + w, y + h / 2)
-    return (x - gap - w, y - h / 2, x - gap, y + h / 2)
+    if position == "middle left":
+        return (x - gap - w, y - h / 2, x - gap, y + h / 2)
+    vertical, horizontal = position.split()      # a corner: the text starts diagonally off the marker
+    x0 = x + gap if horizontal == "right" else x - gap - w
+    y0 = y + gap if vertical == "top" else y - gap - h
+    return (x0, y0, x0 + w, y0 + h)
 
 
 def _to_pixels(values: pd.Series, log: bool, size: float, extra: list[float] = ()) -> list[float]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from matcher.atomic import write_json, write_records_csv
-from matcher.finegrained.evaluate import (code_diversity, encode_split, full_scores, pair_cost_us, rerank_metrics, score_shortlists,
+from matcher.finegrained.evaluate import (code_diversity, encode_split, full_scores, pair_cost_us, pair_scores, rerank_metrics, score_shortlists,
                                           search_ms)
 from matcher.finegrained.checkpoints import load_scorer, teacher_heads
 from matcher.finegrained.features import dual_embeddings, dual_similarity, fine_features
@@ -107,12 +107,11 @@ def run_eval(args) -> dict:
                        search_ms(*dual_emb), dual_pair_us(*dual_emb), gallery_floats_per_image=dual_emb[0].shape[1])]
     candidates = [int(c) for c in str(args.candidates).split(",") if c.strip()]
     vl = None  # the MiniLM cross-encoder and its decomposition: built on the teacher module, own inputs
-    vl_lists: dict = {}  # checkpoint path -> its scored shortlists, reused by --ensemble
     for path in sorted(Path(args.models).glob(getattr(args, "pattern", None) or "*.pt")):
-        kind = torch.load(path, map_location="cpu", weights_only=True).get("kind")
-        if kind in ("vl-cross", "vl-decomposed"):
+        kind = _kind(path)
+        if kind:
             vl = vl or _vl_inputs(args)
-            records += _vl_records(path, kind, vl, encode_ms, vl_lists)
+            records += _vl_records(path, kind, vl, encode_ms)
             print(f"evaluated {path.name}", flush=True)
             continue
         scorer, recipe, _ = load_scorer(path, image_head, text_head)
@@ -125,16 +124,10 @@ def run_eval(args) -> dict:
         else:
             records.append(exhaustive_record(path.stem, scorer, feats, dual_emb, encode_ms, tier))
         print(f"evaluated {path.name}", flush=True)
-    if getattr(args, "ensemble", None):  # "ALIGNMENT.pt,VL-CROSS.pt": both fused with the dual cosine
-        align_path, cross_path = [Path(x) for x in args.ensemble.split(",")]
-        vl = vl or _vl_inputs(args)
-        scorer, _, _ = load_scorer(align_path, image_head, text_head)
-        from matcher.finegrained.vl_cross import load_vl_cross
-        from matcher.finegrained.vl_eval import ensemble_records
-
-        model, recipe, _ = load_vl_cross(cross_path, vl[0])
-        records += ensemble_records(f"{align_path.stem} + {cross_path.stem}", model, scorer, feats, vl[1],
-                                    recipe["candidates"], _vl_record(encode_ms), vl_lists.get(cross_path.resolve()))
+    if getattr(args, "ensemble", None):  # "A.pt,B.pt,...": fused together with the dual cosine
+        vl = vl or (_vl_inputs(args) if any(_kind(Path(x)) for x in args.ensemble.split(",")) else None)
+        records.append(_ensemble_record([Path(x) for x in args.ensemble.split(",")], candidates[0], feats, duals,
+                                        image_head, text_head, vl, encode_ms))
     results = Path(args.results)
     previous = _previous(results.with_suffix(".json")) if getattr(args, "append", False) else {}
     if previous:  # keep earlier tiers (same teacher row first), replace re-evaluated ones
@@ -170,16 +163,52 @@ def _vl_record(encode_ms: float):
     return record
 
 
-def _vl_records(path: Path, kind: str, vl: tuple, encode_ms: float, vl_lists: dict) -> list[dict]:
+def _kind(path: Path) -> str | None:
+    """"vl-cross" / "vl-decomposed" for the MiniLM cross-encoder's checkpoints (built on the teacher
+    module, own inputs), None for the other fine checkpoints."""
+    kind = torch.load(path, map_location="cpu", weights_only=True).get("kind")
+    return kind if kind in ("vl-cross", "vl-decomposed") else None
+
+
+def _ensemble_record(paths: list[Path], candidates: int, feats, duals, image_head, text_head, vl, encode_ms) -> dict:
+    """One row: the teacher's top-C fused with every scorer in ``paths`` (weights chosen on val)."""
+    from matcher.finegrained.ensemble import choose_weights, score_split
+    from matcher.finegrained.evaluate import median_ms
+    from matcher.finegrained.vl_cross import load_vl_cross, score_pairs
+
+    def pair_functions(split: str) -> list:
+        out = []
+        for model, kind in models:
+            if kind:
+                out.append(lambda c, i, m=model: score_pairs(m, vl[1][split], c, i))
+            else:
+                enc = encode_split(model, feats[split])
+                out.append(lambda c, i, m=model, e=enc: pair_scores(m, e, c, i))
+        return out
+
+    models = [((load_vl_cross(p, vl[0])[0], k) if (k := _kind(p)) else (load_scorer(p, image_head, text_head)[0], None))
+              for p in paths]
+    scored = {s: score_split(duals[s], feats[s].caption_image, pair_functions(s), candidates) for s in ("val", "test")}
+    weights, _ = choose_weights(scored["val"])
+    metrics = {s: scored[s].metrics(weights) for s in ("val", "test")}
+    test_fns = pair_functions("test")
+    one = np.zeros(candidates, dtype=np.int64)
+    search = sum(median_ms(lambda f=f: f(one, np.arange(candidates)), 10) for f in test_fns)
+    name = " + ".join(p.stem for p in paths) + f" fused C={candidates}"
+    return _record(name, "ensemble", "fused", metrics["val"], metrics["test"], encode_ms, search,
+                   1000 * search / candidates, candidates=candidates,
+                   fuse_weights={p.stem: w for p, w in zip(paths, weights)})
+
+
+def _vl_records(path: Path, kind: str, vl: tuple, encode_ms: float) -> list[dict]:
     from matcher.finegrained.vl_cross import load_vl_cross
-    from matcher.finegrained.vl_eval import cross_records, cross_shortlists, decomposed_record
+    from matcher.finegrained.vl_eval import cross_records, decomposed_record
 
     module, splits = vl
     model, recipe, _ = load_vl_cross(path, module)
     record = _vl_record(encode_ms)
     if kind == "vl-cross":
-        lists = vl_lists[path.resolve()] = cross_shortlists(path.stem, model, splits, recipe["candidates"])
-        return cross_records(path.stem, model, splits, recipe["candidates"], record, lists)
+        return cross_records(path.stem, model, splits, recipe["candidates"], record)
     return [decomposed_record(path.stem, model, splits, record)]
 
 

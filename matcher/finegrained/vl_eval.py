@@ -9,8 +9,6 @@ decomposition runs its two layers on the caption once more).
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -57,14 +55,9 @@ def decomposed_search_ms(model, split: CrossSplit, queries: int = 30) -> float:
     return median_ms(one, queries)
 
 
-def cross_shortlists(name: str, model, splits: dict, candidates: int) -> dict:
-    """{split: Shortlists} of the teacher's top-C scored by the cross-encoder (the costly part: reused)."""
-    return {s: shortlists(model, splits[s], candidates, progress=f"{name} {s}") for s in ("val", "test")}
-
-
-def cross_records(name: str, model, splits: dict, candidates: int, record, lists: dict | None = None) -> list[dict]:
+def cross_records(name: str, model, splits: dict, candidates: int, record) -> list[dict]:
     """Pure and fused re-ranking rows at shortlist size C; ``record`` builds a row like the other tiers'."""
-    lists = lists or cross_shortlists(name, model, splits, candidates)
+    lists = {s: shortlists(model, splits[s], candidates, progress=f"{name} {s}") for s in ("val", "test")}
     duals = {s: splits[s].dual for s in ("val", "test")}
     cost, search = pair_us(model, splits["test"]), rerank_search_ms(model, splits["test"], candidates)
     pure = {s: rerank_metrics(duals[s], lists[s], splits[s].caption_image) for s in ("val", "test")}
@@ -91,40 +84,3 @@ def decomposed_record(name: str, model, splits: dict, record) -> dict:
                   decomposed_search_ms(model, test), product * 1000 / (len(u) * len(v)),
                   gallery_floats_per_image=splits["test"].images.shape[1] + model.image_out.out_features)
 
-
-def ensemble_records(name: str, model, scorer, scorer_feats: dict, splits: dict, candidates: int, record,
-                     lists: dict | None = None) -> list[dict]:
-    """The teacher's top-C re-scored by dual + λa·alignment + λc·cross, both λ chosen on val.
-
-    Two interaction scores whose errors differ (region-word alignment and early interaction) fused
-    with the dual cosine: the row says whether they add up. ``scorer`` is an alignment scorer and
-    ``scorer_feats`` its FineSplits (same images and captions as ``splits``).
-    """
-    from dataclasses import replace
-
-    from matcher.finegrained.evaluate import encode_split, pair_scores
-
-    cross = lists or cross_shortlists(name, model, splits, candidates)
-    align = {}
-    for s in ("val", "test"):
-        enc, lists = encode_split(scorer, scorer_feats[s]), cross[s]
-        t2i_caps = np.repeat(np.arange(len(lists.t2i)), lists.t2i.shape[1])
-        i2t_imgs = np.repeat(np.arange(len(lists.i2t)), lists.i2t.shape[1])
-        align[s] = (pair_scores(scorer, enc, t2i_caps, lists.t2i.ravel()).reshape(lists.t2i.shape),
-                    pair_scores(scorer, enc, lists.i2t.ravel(), i2t_imgs).reshape(lists.i2t.shape))
-
-    def fused(s: str, la: float, lc: float):
-        lists = cross[s]
-        return replace(lists, t2i_fine=la * align[s][0] + lc * lists.t2i_fine,
-                       i2t_fine=la * align[s][1] + lc * lists.i2t_fine)
-
-    grid = (0.0, *FUSE_GRID)
-    val = {(la, lc): rerank_metrics(splits["val"].dual, fused("val", la, lc), splits["val"].caption_image, fuse=1.0)["rsum"]
-           for la in grid for lc in grid}
-    la, lc = max(val, key=val.get)
-    metrics = {s: rerank_metrics(splits[s].dual, fused(s, la, lc), splits[s].caption_image, fuse=1.0)
-               for s in ("val", "test")}
-    cost = pair_us(model, splits["test"])
-    return [record(f"{name} fused C={candidates}", "ensemble", "fused", metrics["val"], metrics["test"],
-                   rerank_search_ms(model, splits["test"], candidates), cost, candidates=candidates,
-                   fuse_lambda_alignment=la, fuse_lambda_cross=lc)]
