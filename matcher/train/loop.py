@@ -150,11 +150,15 @@ class Resume:
     def load(self, module, optimizer, scheduler, best: BestOnVal) -> tuple[int, list[float]]:
         if not Path(self.path).exists():
             return 1, []
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        module.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        best.history, best.best, best._state = state["history"], state["best"], state["best_state"]
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            module.load_state_dict(state["module"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception as exc:  # truncated, foreign or from another module: refuse, keep the file
+            raise RuntimeError(f"cannot resume from {self.path} ({type(exc).__name__}: {exc}); "
+                               "delete it to start the run over") from exc
+        best.load_state_dict(state["selection"])
         torch.set_rng_state(state["torch_rng"])
         if self.rng is not None:
             self.rng.bit_generator.state = state["rng"]
@@ -164,8 +168,7 @@ class Resume:
         from matcher.atomic import atomic_path
 
         state = {"round": index, "losses": losses, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "history": best.history, "best": best.best,
-                 "best_state": best._state, "torch_rng": torch.get_rng_state(),
+                 "scheduler": scheduler.state_dict(), "selection": best.state_dict(), "torch_rng": torch.get_rng_state(),
                  "rng": None if self.rng is None else self.rng.bit_generator.state}
         with atomic_path(Path(self.path)) as tmp:
             torch.save(state, tmp)

@@ -35,3 +35,10 @@ class BestOnVal:
             raise RuntimeError("no validation entry was recorded, so there is no best checkpoint to restore")
         self.module.load_state_dict(self._state)
         return self.best
+
+    def state_dict(self) -> dict:
+        """History, best entry and best weights: what a resumed run needs to keep selecting."""
+        return {"history": self.history, "best": self.best, "weights": self._state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.best, self._state = state["history"], state["best"], state["weights"]

@@ -197,3 +197,12 @@ def test_decomposition_starts_at_the_teacher_and_its_distillation_lowers_the_los
         opt.step()
     assert loss().item() - floor < 0.7 * (first - floor)
     assert decomposed.text_out.weight.abs().sum() > 0
+
+
+def test_a_corrupted_resume_file_is_refused_with_its_name(tower, tmp_path):
+    split, ih, th = _split(tower)
+    state = tmp_path / "run.resume.pt"
+    state.write_bytes(b"not a torch file")
+    with pytest.raises(RuntimeError, match="cannot resume from .*run.resume.pt.*delete it"):
+        _train(_model(tower, ih, th, residual_scale=5.0), split, steps=2, resume=state)
+    assert state.read_bytes() == b"not a torch file"  # nothing lost: the user decides
