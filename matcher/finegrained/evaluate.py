@@ -103,6 +103,21 @@ def rerank_metrics(dual: np.ndarray, lists: Shortlists, caption_image: np.ndarra
     return {"t2i": t2i, "i2t": i2t, "rsum": sum(t2i.values()) + sum(i2t.values())}
 
 
+FUSE_GRID = tuple(2.0 ** k for k in range(-6, 5))  # fusion weights λ tried on val (dual + λ·fine)
+
+
+def pure_and_fused(duals: dict, lists: dict, caption_images: dict) -> tuple[dict, dict, float]:
+    """({split: metrics} re-ranked by the fine score alone, {split: metrics} fused with λ chosen on
+    val from ``FUSE_GRID``, λ): the two rows every re-ranking tier reports per shortlist size."""
+    splits = ("val", "test")
+    pure = {s: rerank_metrics(duals[s], lists[s], caption_images[s]) for s in splits}
+    by_lam = {lam: rerank_metrics(duals["val"], lists["val"], caption_images["val"], fuse=lam)["rsum"]
+              for lam in FUSE_GRID}
+    lam = max(by_lam, key=by_lam.get)
+    fused = {s: rerank_metrics(duals[s], lists[s], caption_images[s], fuse=lam) for s in splits}
+    return pure, fused, lam
+
+
 def code_diversity(scorer, split: FineSplit, images: int = 200) -> dict[str, float]:
     """How far the M codes are from all being the mean region (collapse diagnostics).
 

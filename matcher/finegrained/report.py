@@ -8,6 +8,7 @@ current torch threads: the teacher's text encoding (measured here) plus the sear
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -16,13 +17,12 @@ import numpy as np
 import torch
 
 from matcher.atomic import write_json, write_records_csv
-from matcher.finegrained.evaluate import (code_diversity, encode_split, full_scores, pair_cost_us, pair_scores, rerank_metrics, score_shortlists,
+from matcher.finegrained.evaluate import (code_diversity, encode_split, full_scores, pair_cost_us, pair_scores, pure_and_fused, score_shortlists,
                                           search_ms)
 from matcher.finegrained.checkpoints import load_scorer, teacher_heads
 from matcher.finegrained.features import dual_embeddings, dual_similarity, fine_features
 from matcher.eval.metrics import retrieval_metrics
 
-FUSE_GRID = tuple(2.0 ** k for k in range(-6, 5))
 
 
 def _flat(metrics: dict) -> dict:
@@ -69,13 +69,9 @@ def rerank_records(name: str, scorer, feats, duals, dual_emb, encode_ms: float, 
     for c in candidates:
         lists = {s: score_shortlists(scorer, enc[s], duals[s], c) for s in ("val", "test")}
         search = search_ms(*dual_emb, scorer, enc["test"], candidates=c)
-        pure = {s: rerank_metrics(duals[s], lists[s], feats[s].caption_image) for s in ("val", "test")}
+        pure, fused, lam = pure_and_fused(duals, lists, {s: feats[s].caption_image for s in ("val", "test")})
         records.append(_record(f"{name} re-rank C={c}", tier, "rerank", pure["val"], pure["test"],
                                encode_ms, search, cost, candidates=c))
-        val_by_lam = {lam: rerank_metrics(duals["val"], lists["val"], feats["val"].caption_image, fuse=lam)["rsum"]
-                      for lam in FUSE_GRID}
-        lam = max(val_by_lam, key=val_by_lam.get)
-        fused = {s: rerank_metrics(duals[s], lists[s], feats[s].caption_image, fuse=lam) for s in ("val", "test")}
         records.append(_record(f"{name} fused C={c}", tier, "fused", fused["val"], fused["test"],
                                encode_ms, search, cost, candidates=c, fuse_lambda=lam))
     return records
@@ -163,6 +159,7 @@ def _vl_record(encode_ms: float):
     return record
 
 
+@functools.lru_cache(maxsize=None)
 def _kind(path: Path) -> str | None:
     """"vl-cross" / "vl-decomposed" for the MiniLM cross-encoder's checkpoints (built on the teacher
     module, own inputs), None for the other fine checkpoints."""

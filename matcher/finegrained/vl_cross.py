@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -54,9 +55,10 @@ class CrossSplit:
     def caption_image(self) -> np.ndarray:
         return self.fine.caption_image
 
-    @property
+    @cached_property
     def dual(self) -> np.ndarray:
-        """[captions, images] dual cosine matrix."""
+        """[captions, images] dual cosine matrix (computed once: training, selection and every
+        shortlist read it)."""
         return (self.texts @ self.images.T).numpy()
 
     def pairs(self, captions: np.ndarray, images: np.ndarray) -> tuple[torch.Tensor, ...]:

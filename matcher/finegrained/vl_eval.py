@@ -13,10 +13,8 @@ import numpy as np
 import torch
 
 from matcher.eval.metrics import retrieval_metrics
-from matcher.finegrained.evaluate import median_ms, rerank_metrics
+from matcher.finegrained.evaluate import median_ms, pure_and_fused
 from matcher.finegrained.vl_cross import CrossSplit, score_pairs, shortlists
-
-FUSE_GRID = tuple(2.0 ** k for k in range(-6, 5))
 
 
 def pair_us(model, split: CrossSplit, pairs: int = 512, seed: int = 0) -> float:
@@ -58,17 +56,13 @@ def decomposed_search_ms(model, split: CrossSplit, queries: int = 30) -> float:
 def cross_records(name: str, model, splits: dict, candidates: int, record) -> list[dict]:
     """Pure and fused re-ranking rows at shortlist size C; ``record`` builds a row like the other tiers'."""
     lists = {s: shortlists(model, splits[s], candidates, progress=f"{name} {s}") for s in ("val", "test")}
-    duals = {s: splits[s].dual for s in ("val", "test")}
     cost, search = pair_us(model, splits["test"]), rerank_search_ms(model, splits["test"], candidates)
-    pure = {s: rerank_metrics(duals[s], lists[s], splits[s].caption_image) for s in ("val", "test")}
+    pure, fused, lam = pure_and_fused({s: splits[s].dual for s in lists}, lists,
+                                      {s: splits[s].caption_image for s in lists})
     rows = [record(f"{name} re-rank C={candidates}", "vl-cross", "rerank", pure["val"], pure["test"], search, cost,
-                   candidates=candidates)]
-    by_lam = {lam: rerank_metrics(duals["val"], lists["val"], splits["val"].caption_image, fuse=lam)["rsum"]
-              for lam in FUSE_GRID}
-    lam = max(by_lam, key=by_lam.get)
-    fused = {s: rerank_metrics(duals[s], lists[s], splits[s].caption_image, fuse=lam) for s in ("val", "test")}
-    rows.append(record(f"{name} fused C={candidates}", "vl-cross", "fused", fused["val"], fused["test"], search, cost,
-                       candidates=candidates, fuse_lambda=lam))
+                   candidates=candidates),
+            record(f"{name} fused C={candidates}", "vl-cross", "fused", fused["val"], fused["test"], search, cost,
+                   candidates=candidates, fuse_lambda=lam)]
     return rows
 
 
