@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from typing import NoReturn
+from pathlib import Path
 
 from matcher.paths import DEFAULT_GALLERY, REPO_ROOT
 
@@ -80,7 +81,6 @@ def open_gallery_arg(args: argparse.Namespace):
 def roles_arg(args: argparse.Namespace) -> dict[str, str]:
     """The matchers ``--preset`` / ``--roles`` name, resolved by the one preset rule (with its notes)."""
     import os
-    from pathlib import Path
 
     from matcher.data.training import TRAIN_GALLERY_ENV
     from matcher.presets import PRESETS, load_preset_file, parse_roles, resolve_preset
@@ -111,3 +111,9 @@ def search_options_arg(args: argparse.Namespace):
     from matcher.search.protocol import SearchOptions
 
     return SearchOptions(k=args.k, bits=args.bits, candidates=args.candidates, rerank=not args.no_rerank)
+
+
+def resume_file(out: Path) -> Path:
+    """Where a long training keeps its state until it finishes: runs/ (git-ignored), not beside the
+    checkpoints, so ``eval-fine`` never mistakes it for a trained tier. Rerunning the same command resumes."""
+    return Path("runs") / f"{Path(out).stem}.resume.pt"

@@ -1,11 +1,12 @@
-"""Fine-grained tier commands: ``train-fine``, ``train-cross`` and ``eval-fine``."""
+"""Fine-grained tier commands: ``train-fine``, ``train-cross``, ``train-vl-cross``, ``train-vl-decomposed``,
+``train-tops-alignment`` and ``eval-fine``."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from matcher.atomic import write_json
-from matcher.cli.common import DEFAULT_DATA
+from matcher.cli.common import DEFAULT_DATA, resume_file
 
 DEFAULT_TEACHER = "assets/models/offline-teacher.pt"
 
@@ -93,12 +94,6 @@ def cmd_train_cross(args: argparse.Namespace) -> None:
     print(f"saved {out / name}.pt and {out / name}-decomposed.pt")
 
 
-def _resume_file(out: Path) -> Path:
-    """Where a long training keeps its state until it finishes: runs/ (git-ignored), not beside the
-    checkpoints, so ``eval-fine`` never mistakes it for a trained tier. Rerunning the same command resumes."""
-    return Path("runs") / f"{out.stem}.resume.pt"
-
-
 def cmd_train_vl_cross(args: argparse.Namespace) -> None:
     """The cross-encoder on the teacher's top MiniLM layers, trained on dual hard negatives (resumable)."""
     from dataclasses import asdict
@@ -115,7 +110,7 @@ def cmd_train_vl_cross(args: argparse.Namespace) -> None:
     torch.manual_seed(recipe.seed)
     model = build_vl_cross(module, image_head, text_head, scale if recipe.residual else 0.0, recipe.grid)
     out = Path(args.out)
-    resume = _resume_file(out)
+    resume = resume_file(out)
     result = train_vl_cross(model, splits["train"], splits["val"], recipe, resume=resume,
                             log=lambda line: print(line, flush=True))
     save_vl_cross(out, model, "vl-cross", {**asdict(recipe), "teacher": args.teacher}, {"val": result["val"],
@@ -142,7 +137,7 @@ def cmd_train_vl_decomposed(args: argparse.Namespace) -> None:
     torch.manual_seed(recipe.seed)
     decomposed = VLDecomposed(cross)
     out = Path(args.out)
-    resume = _resume_file(out)
+    resume = resume_file(out)
     result = train_vl_decomposed(decomposed, cross, splits["train"], splits["val"], recipe, resume=resume,
                                  log=lambda line: print(line, flush=True))
     save_vl_cross(out, decomposed, "vl-decomposed", {**asdict(recipe), "cross": args.cross, "cross_recipe": cross_recipe},
@@ -150,6 +145,32 @@ def cmd_train_vl_decomposed(args: argparse.Namespace) -> None:
     write_json(out.with_suffix(".train.json"), {"recipe": asdict(recipe), "cross": args.cross, "vl_decomposed": result})
     resume.unlink(missing_ok=True)
     print(f"saved {out} (best step {result['best_step']}, val rsum {result['val']['rsum']:.2f})")
+
+
+def cmd_train_tops_alignment(args: argparse.Namespace) -> None:
+    """ALADIN's alignment loss back-propagated into copies of the teacher's tops (resumable)."""
+    from dataclasses import asdict
+
+    from matcher.cli.train import recipe_arg
+    from matcher.finegrained.tops import TopsAlignment, cached_splits, dual_matrix, save_tops
+    from matcher.finegrained.tops_train import TopsRecipe, train_tops
+    from matcher.train.loop import seeded
+
+    recipe = recipe_arg(TopsRecipe, args)
+    _threads(args.threads)
+    module, splits = cached_splits(args.data, args.teacher, ("train", "val"))
+    dual_val = dual_matrix(module, splits["val"])
+    rng = seeded(recipe.seed)
+    model = TopsAlignment(module, recipe.reduce, recipe.dropout, recipe.drop_special)
+    out = Path(args.out)
+    resume = resume_file(out)
+    result = train_tops(model, splits["train"], splits["val"], dual_val, recipe, rng, resume=resume,
+                        log=lambda line: print(line, flush=True))
+    save_tops(out, model, {**asdict(recipe), "teacher": args.teacher},
+              {"val": result["val"], "best_epoch": result["best_epoch"], "fuse_lambda": result["fuse_lambda"]})
+    write_json(out.with_suffix(".train.json"), result)
+    resume.unlink(missing_ok=True)
+    print(f"saved {out} (best epoch {result['best_epoch']}, val fused rsum {result['val']['rsum']:.2f})")
 
 
 def cmd_eval_fine(args: argparse.Namespace) -> None:
@@ -198,6 +219,13 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default="assets/models/fine/vl-decomposed.pt")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_train_vl_decomposed)
+
+    p = _parser(sub, "train-tops-alignment", default_data,
+                help="ALADIN's alignment re-ranker with copies of the teacher's top blocks/layers trained too")
+    add_recipe_options(p, "tops-alignment")
+    p.add_argument("--out", default="assets/models/fine/tops-alignment.pt")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_train_tops_alignment)
 
     p = _parser(sub, "eval-fine", default_data, help="val/test recall and costs of every fine tier vs the dual teacher")
     p.add_argument("--models", default="assets/models/fine", help="folder of trained fine scorers")

@@ -22,6 +22,7 @@ from matcher.finegrained.evaluate import (code_diversity, encode_split, full_sco
 from matcher.finegrained.checkpoints import load_scorer, teacher_heads
 from matcher.finegrained.features import dual_embeddings, dual_similarity, fine_features
 from matcher.eval.metrics import retrieval_metrics
+from matcher.finegrained.tops import KIND as KIND_TOPS
 
 
 
@@ -60,16 +61,16 @@ def _record(name: str, tier: str, mode: str, val: dict, test: dict, encode_ms: f
             "text_query_ms": round(encode_ms + search, 3), **extra}
 
 
-def rerank_records(name: str, scorer, feats, duals, dual_emb, encode_ms: float, candidates: list[int],
-                   tier: str = "alignment") -> list[dict]:
-    """Pure and fused re-ranking records for each shortlist size C (λ for fusion chosen on val)."""
-    enc = {s: encode_split(scorer, feats[s]) for s in ("val", "test")}
+def rerank_records(name: str, scorer, enc: dict, caption_images: dict, duals, dual_emb, encode_ms: float,
+                   candidates: list[int], tier: str = "alignment") -> list[dict]:
+    """Pure and fused re-ranking records for each shortlist size C (λ for fusion chosen on val);
+    ``enc``: {split: the split as the scorer stores it}."""
     cost = pair_cost_us(scorer, enc["test"])
     records = []
     for c in candidates:
         lists = {s: score_shortlists(scorer, enc[s], duals[s], c) for s in ("val", "test")}
         search = search_ms(*dual_emb, scorer, enc["test"], candidates=c)
-        pure, fused, lam = pure_and_fused(duals, lists, {s: feats[s].caption_image for s in ("val", "test")})
+        pure, fused, lam = pure_and_fused(duals, lists, caption_images)
         records.append(_record(f"{name} re-rank C={c}", tier, "rerank", pure["val"], pure["test"],
                                encode_ms, search, cost, candidates=c))
         records.append(_record(f"{name} fused C={c}", tier, "fused", fused["val"], fused["test"],
@@ -102,28 +103,24 @@ def run_eval(args) -> dict:
     records = [_record("dual teacher", "dual", "exhaustive", metrics["val"], metrics["test"], encode_ms,
                        search_ms(*dual_emb), dual_pair_us(*dual_emb), gallery_floats_per_image=dual_emb[0].shape[1])]
     candidates = [int(c) for c in str(args.candidates).split(",") if c.strip()]
+    caption_images = {s: feats[s].caption_image for s in ("val", "test")}
     vl = None  # the MiniLM cross-encoder and its decomposition: built on the teacher module, own inputs
     for path in sorted(Path(args.models).glob(getattr(args, "pattern", None) or "*.pt")):
         kind = _kind(path)
-        if kind:
+        if kind == KIND_TOPS:
+            records += _tops_records(path, args, caption_images, duals, dual_emb, encode_ms, candidates)
+        elif kind:
             vl = vl or _vl_inputs(args)
             records += _vl_records(path, kind, vl, encode_ms)
-            print(f"evaluated {path.name}", flush=True)
-            continue
-        scorer, recipe, _ = load_scorer(path, image_head, text_head)
-        tier = recipe["tier"] if isinstance(recipe, dict) else recipe.tier
-        if tier == "alignment":
-            records += rerank_records(path.stem, scorer, feats, duals, dual_emb, encode_ms, candidates)
-        elif tier == "cross":  # the slowest tier: only its own (small) shortlist size
-            records += rerank_records(path.stem, scorer, feats, duals, dual_emb, encode_ms, [recipe["candidates"]],
-                                      tier="cross")
         else:
-            records.append(exhaustive_record(path.stem, scorer, feats, dual_emb, encode_ms, tier))
+            records += _scorer_records(path, image_head, text_head, feats, caption_images, duals, dual_emb, encode_ms,
+                                       candidates)
         print(f"evaluated {path.name}", flush=True)
     if getattr(args, "ensemble", None):  # "A.pt,B.pt,...": fused together with the dual cosine
-        vl = vl or (_vl_inputs(args) if any(_kind(Path(x)) for x in args.ensemble.split(",")) else None)
-        records.append(_ensemble_record([Path(x) for x in args.ensemble.split(",")], candidates[0], feats, duals,
-                                        image_head, text_head, vl, encode_ms))
+        paths = [Path(x) for x in args.ensemble.split(",")]
+        vl = vl or (_vl_inputs(args) if any(_kind(p) in ("vl-cross", "vl-decomposed") for p in paths) else None)
+        tops = cached_splits_of(args) if any(_kind(p) == KIND_TOPS for p in paths) else None
+        records.append(_ensemble_record(paths, candidates[0], feats, duals, image_head, text_head, vl, tops, encode_ms))
     results = Path(args.results)
     previous = _previous(results.with_suffix(".json")) if getattr(args, "append", False) else {}
     if previous:  # keep earlier tiers (same teacher row first), replace re-evaluated ones
@@ -145,6 +142,34 @@ def run_eval(args) -> dict:
     return report
 
 
+def _scorer_records(path: Path, image_head, text_head, feats, caption_images, duals, dual_emb, encode_ms: float,
+                    candidates: list[int]) -> list[dict]:
+    """Rows of a scorer on the teacher's fine features: alignment and cross re-rankers, code scorers."""
+    scorer, recipe, _ = load_scorer(path, image_head, text_head)
+    tier = recipe["tier"] if isinstance(recipe, dict) else recipe.tier
+    if tier in ("alignment", "cross"):  # cross, the slowest tier: only its own (small) shortlist size
+        enc = {s: encode_split(scorer, feats[s]) for s in ("val", "test")}
+        sizes = candidates if tier == "alignment" else [recipe["candidates"]]
+        return rerank_records(path.stem, scorer, enc, caption_images, duals, dual_emb, encode_ms, sizes, tier=tier)
+    return [exhaustive_record(path.stem, scorer, feats, dual_emb, encode_ms, tier)]
+
+
+def _tops_records(path: Path, args, caption_images, duals, dual_emb, encode_ms: float, candidates: list[int]) -> list[dict]:
+    """``tops-alignment`` re-ranks like an alignment scorer, from its own tops run on the trunk caches; a
+    query pays the teacher's text encoding plus the tier's own top layers on the caption."""
+    from matcher.finegrained.evaluate import median_ms
+    from matcher.finegrained.tops import cached_splits, encode_cached, load_tops
+
+    module, splits = cached_splits(args.data, args.teacher, ("val", "test"))
+    model, _, _ = load_tops(path, module)
+    enc = {s: encode_cached(model, splits[s]) for s in ("val", "test")}
+    one = splits["test"].caption_batch(np.array([0]))
+    with torch.inference_mode():
+        own_text_ms = median_ms(lambda: model.encode_text(*one), 30)
+    return rerank_records(path.stem, model, enc, caption_images, duals, dual_emb, encode_ms + own_text_ms, candidates,
+                          tier=KIND_TOPS)
+
+
 def _vl_inputs(args) -> tuple:
     from matcher.finegrained.vl_cross import cross_splits
 
@@ -161,30 +186,45 @@ def _vl_record(encode_ms: float):
 
 @functools.lru_cache(maxsize=None)
 def _kind(path: Path) -> str | None:
-    """"vl-cross" / "vl-decomposed" for the MiniLM cross-encoder's checkpoints (built on the teacher
-    module, own inputs), None for the other fine checkpoints."""
+    """"vl-cross" / "vl-decomposed" / "tops-alignment" for the checkpoints built on the teacher module
+    (own inputs), None for the scorers on the teacher's fine features."""
     kind = torch.load(path, map_location="cpu", weights_only=True).get("kind")
-    return kind if kind in ("vl-cross", "vl-decomposed") else None
+    return kind if kind in ("vl-cross", "vl-decomposed", KIND_TOPS) else None
 
 
-def _ensemble_record(paths: list[Path], candidates: int, feats, duals, image_head, text_head, vl, encode_ms) -> dict:
+def cached_splits_of(args) -> tuple:
+    from matcher.finegrained.tops import cached_splits
+
+    return cached_splits(args.data, args.teacher, ("val", "test"))
+
+
+def _ensemble_record(paths: list[Path], candidates: int, feats, duals, image_head, text_head, vl, tops,
+                     encode_ms) -> dict:
     """One row: the teacher's top-C fused with every scorer in ``paths`` (weights chosen on val)."""
     from matcher.finegrained.ensemble import choose_weights, score_split
     from matcher.finegrained.evaluate import median_ms
+    from matcher.finegrained.tops import encode_cached, load_tops
     from matcher.finegrained.vl_cross import load_vl_cross, score_pairs
 
     def pair_functions(split: str) -> list:
         out = []
         for model, kind in models:
-            if kind:
+            if kind in ("vl-cross", "vl-decomposed"):
                 out.append(lambda c, i, m=model: score_pairs(m, vl[1][split], c, i))
             else:
-                enc = encode_split(model, feats[split])
+                enc = encode_cached(model, tops[1][split]) if kind == KIND_TOPS else encode_split(model, feats[split])
                 out.append(lambda c, i, m=model, e=enc: pair_scores(m, e, c, i))
         return out
 
-    models = [((load_vl_cross(p, vl[0])[0], k) if (k := _kind(p)) else (load_scorer(p, image_head, text_head)[0], None))
-              for p in paths]
+    def load(p: Path):
+        kind = _kind(p)
+        if kind == KIND_TOPS:
+            return load_tops(p, tops[0])[0], kind
+        if kind:
+            return load_vl_cross(p, vl[0])[0], kind
+        return load_scorer(p, image_head, text_head)[0], None
+
+    models = [load(p) for p in paths]
     scored = {s: score_split(duals[s], feats[s].caption_image, pair_functions(s), candidates) for s in ("val", "test")}
     weights, _ = choose_weights(scored["val"])
     metrics = {s: scored[s].metrics(weights) for s in ("val", "test")}

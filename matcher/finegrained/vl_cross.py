@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matcher.finegrained.features import FineSplit, dual_embeddings
+from matcher.models.towers import run_bert_layers
 
 
 @dataclass
@@ -125,10 +126,7 @@ class VLCrossEncoder(nn.Module):
         """``score_pairs`` from image tokens already made (a gallery stores them once per photo)."""
         h = torch.cat([states, img], 1)
         keep = torch.cat([mask.to(h.dtype), torch.ones(img.shape[:2], dtype=h.dtype)], 1)
-        additive = (1.0 - keep[:, None, None, :]) * torch.finfo(h.dtype).min
-        for layer in self.layers:
-            out = layer(h, attention_mask=additive)
-            h = out[0] if isinstance(out, tuple) else out
+        h = run_bert_layers(self.layers, h, keep)
         return self.head(h[:, 0]).squeeze(-1) + self.residual_scale * cos
 
 
@@ -237,11 +235,7 @@ class VLDecomposed(nn.Module):
         self.config = {**cross.config, "decomposed_dim": dim}
 
     def _run(self, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        additive = (1.0 - keep[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
-        for layer in self.cross.layers:
-            out = layer(h, attention_mask=additive)
-            h = out[0] if isinstance(out, tuple) else out
-        return h[:, 0]
+        return run_bert_layers(self.cross.layers, h, keep)[:, 0]
 
     def encode_text(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[T, dim] correction vectors (not normalised: their length is how much a caption corrects)

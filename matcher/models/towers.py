@@ -235,16 +235,8 @@ class MiniLMTextTower(nn.Module):
             list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
 
-    @staticmethod
-    def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
     def _run_layers(self, layers, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = self._additive_mask(attention_mask, h.dtype)
-        for layer in layers:
-            out = layer(h, attention_mask=mask)
-            h = out[0] if isinstance(out, tuple) else out
-        return h
+        return run_bert_layers(layers, h, attention_mask)
 
     def forward_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.embeddings(input_ids=input_ids)
@@ -261,3 +253,13 @@ class MiniLMTextTower(nn.Module):
         tokens = self.tokenize(texts)
         h = self.forward_trunk(tokens["input_ids"], tokens["attention_mask"])
         return self.forward_top(h, tokens["attention_mask"])
+
+
+def run_bert_layers(layers, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token states [B, L, D] through BERT layers (MiniLM's, or trained copies of them); ``attention_mask``
+    [B, L] is 1 (or True) at real tokens."""
+    additive = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+    for layer in layers:
+        out = layer(h, attention_mask=additive)
+        h = out[0] if isinstance(out, tuple) else out
+    return h

@@ -2,10 +2,13 @@
 
 ``FineRerankMatcher`` serves one gallery like ``matcher.search.exact.Matcher`` (same ``SearchOptions``,
 ``SearchResult`` with per-stage timings), so the app and the error analysis treat it as one more
-column. Two kinds of scorer re-rank, one code path:
+column. Three kinds of scorer re-rank, one code path:
 
 - ``alignment`` (``offline-fine``): ALADIN-style region x word alignment of the teacher's *final*
   token states against its unit region vectors;
+- ``tops-alignment`` (``offline-tops``): the same alignment, but of word and region vectors made by the
+  tier's own trained copies of the teacher's top blocks/layers (``matcher.finegrained.tops``), which
+  read the caption's lower-layer states and the photo's trunk output;
 - ``vl-cross`` (``offline-vl-cross``): the cross-encoder on the teacher's top MiniLM layers
   (``matcher.finegrained.vl_cross``), which reads the caption's states after the text tower's
   *lower* layers together with 4 x 4 + 1 image tokens made from the region map.
@@ -66,8 +69,8 @@ class _Alignment:
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
-    def gallery_side(self, regions: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(regions)
+    def gallery_side(self, trunk: torch.Tensor, tower: torch.nn.Module) -> torch.Tensor:
+        return self.model.encode_image(_regions(trunk, tower))
 
     def query_side(self, lower: torch.Tensor, final: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.model.encode_text(final, mask), mask
@@ -87,8 +90,8 @@ class _VLCross:
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
-    def gallery_side(self, regions: torch.Tensor) -> torch.Tensor:
-        return self.model.image_tokens(regions)
+    def gallery_side(self, trunk: torch.Tensor, tower: torch.nn.Module) -> torch.Tensor:
+        return self.model.image_tokens(_regions(trunk, tower))
 
     def query_side(self, lower: torch.Tensor, final: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return lower, mask
@@ -99,9 +102,32 @@ class _VLCross:
         return self.model.score_tokens(stored, states.expand(n, -1, -1), mask.expand(n, -1), cosines)
 
 
+class _TopsAlignment(_Alignment):
+    """Alignment with the tier's own trained tops (``matcher.finegrained.tops``): its copies of the
+    teacher's top blocks run on the photo's trunk output, its top MiniLM layers on the query's
+    lower-layer states; the teacher's own tops only shortlist."""
+
+    kind, cache_prefix = "tops-alignment", "fine-tops"
+    reads = "region x word, with its own trained top blocks and layers"
+
+    def gallery_side(self, trunk: torch.Tensor, tower: torch.nn.Module) -> torch.Tensor:
+        return self.model.encode_image(trunk)
+
+    def query_side(self, lower: torch.Tensor, final: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.encode_text(lower, mask)
+
+
+def _regions(trunk: torch.Tensor, tower: torch.nn.Module) -> torch.Tensor:
+    """[N, R, 1280] the teacher's unpooled region vectors from its trunk output."""
+    return tower.forward_top_map(trunk).flatten(2).transpose(1, 2)
+
+
 def _reader(scorer: torch.nn.Module):
+    from matcher.finegrained.tops import TopsAlignment
     from matcher.finegrained.vl_cross import VLCrossEncoder, VLDecomposed
 
+    if isinstance(scorer, TopsAlignment):
+        return _TopsAlignment(scorer)
     if isinstance(scorer, VLDecomposed):
         raise CheckpointProblem("a vl-decomposed checkpoint is a dual encoder, not a re-ranker of the teacher's "
                                 "shortlist; the fine column serves alignment and vl-cross checkpoints")
@@ -123,15 +149,18 @@ def load_rerank_scorer(path: str | Path, teacher_module: torch.nn.Module) -> tor
         raise CheckpointProblem(f"scorer checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
     kind = payload.get("kind") if isinstance(payload, dict) else None
     if isinstance(payload, dict) and payload.get("format") == CROSS_FORMAT:
-        if kind != "vl-cross":
-            raise CheckpointProblem(f"{path} is a {kind!r} checkpoint; the fine column re-ranks with alignment "
-                                    "(train-fine) or vl-cross (train-vl-cross) checkpoints")
+        from matcher.finegrained.tops import load_tops
         from matcher.finegrained.vl_cross import load_vl_cross
 
+        loaders = {"vl-cross": load_vl_cross, "tops-alignment": load_tops}
+        if kind not in loaders:
+            raise CheckpointProblem(f"{path} is a {kind!r} checkpoint; the fine column re-ranks with alignment "
+                                    "(train-fine), vl-cross (train-vl-cross) or tops-alignment "
+                                    "(train-tops-alignment) checkpoints")
         try:
-            model, _, _ = load_vl_cross(path, teacher_module)
+            model, _, _ = loaders[kind](path, teacher_module)
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointProblem(f"vl-cross checkpoint {path} does not fit the teacher it is served on "
+            raise CheckpointProblem(f"{kind} checkpoint {path} does not fit the teacher it is served on "
                                     f"({type(exc).__name__}: {str(exc)[:200]})") from None
         return model
     image_head, text_head, _ = teacher_heads(teacher_module)
@@ -144,7 +173,8 @@ def load_rerank_scorer(path: str | Path, teacher_module: torch.nn.Module) -> tor
 
 
 class FineRerankMatcher:
-    """Dual teacher shortlist + re-rank by an alignment scorer or the MiniLM cross-encoder, for text queries."""
+    """Dual teacher shortlist + re-rank by an alignment scorer (on the teacher's tops or its own) or the
+    MiniLM cross-encoder, for text queries."""
 
     def __init__(self, base: ExactMatcher, scorer, fuse: float | None, candidates: int = DEFAULT_CANDIDATES,
                  cache: ArrayCache | None = None, name: str = "fine"):
@@ -157,7 +187,7 @@ class FineRerankMatcher:
 
     @property
     def kind(self) -> str:
-        """``alignment`` or ``vl-cross``: which scorer re-ranks."""
+        """``alignment``, ``tops-alignment`` or ``vl-cross``: which scorer re-ranks."""
         return self.reader.kind
 
     @property
@@ -178,7 +208,7 @@ class FineRerankMatcher:
     @torch.inference_mode()
     def _gallery_side(self, cache: ArrayCache, batch_size: int = 16) -> torch.Tensor:
         """[N, ...] what the scorer reads of each photo, row order = the base matcher's embeddings:
-        unit region vectors [N, 49, 256] (alignment) or image tokens [N, 17, 384] (vl-cross)."""
+        unit region vectors [N, 49, 256] (alignment, tops-alignment) or image tokens [N, 17, 384] (vl-cross)."""
         key = self._cache_key()
         hit = cache.get(key)
         if hit is not None and list(hit[1].get("names", [])) == list(self.embeddings.names):
@@ -187,8 +217,8 @@ class FineRerankMatcher:
         for start in tqdm(range(0, len(names), batch_size), desc=f"{self.name}: gallery ({self.kind})", unit="batch"):
             pixels = torch.stack([self.base.encoder.preprocess(load_rgb(self.gallery.path(n)))
                                   for n in names[start:start + batch_size]])
-            fmap = tower.forward_top_map(tower.forward_trunk(pixels.contiguous(memory_format=torch.channels_last)))
-            chunks.append(self.reader.gallery_side(fmap.flatten(2).transpose(1, 2)).half())
+            trunk = tower.forward_trunk(pixels.contiguous(memory_format=torch.channels_last))
+            chunks.append(self.reader.gallery_side(trunk, tower).half())
         stored = torch.cat(chunks) if chunks else torch.zeros(0, 1, 1, dtype=torch.float16)
         cache.put(key, {"regions": stored.numpy()}, {"names": list(names), "kind": self.kind})
         return stored.float()
@@ -197,8 +227,8 @@ class FineRerankMatcher:
     @torch.inference_mode()
     def _encode_text(self, text: str) -> tuple:
         """(dual query embedding [D], *what the scorer reads of the query) from one text tower run:
-        for alignment (unit token vectors [1, L, D], mask [1, L]); for vl-cross (lower-layer states
-        [1, L, 384], mask [1, L])."""
+        for alignment and tops-alignment (unit word vectors [1, L, D], word mask [1, L]); for vl-cross
+        (lower-layer states [1, L, 384], mask [1, L])."""
         tower = self.module.text_tower
         tokens = tower.tokenize([text])
         mask = tokens["attention_mask"]

@@ -11,6 +11,7 @@ import torch
 
 from matcher.finegrained.checkpoints import FineRecipe
 from matcher.finegrained.cross_train import CrossRecipe, VLCrossRecipe, VLDecompRecipe
+from matcher.finegrained.tops_train import TopsRecipe
 from matcher.hashing.train import HashRecipe
 from matcher.paths import REPO_ROOT
 from matcher.train.recipes import RECIPES_DIR, RecipeError, load_recipe
@@ -74,6 +75,7 @@ SHIPPED = {
     "cross-residual": (CrossRecipe, _cross("cross-residual")),
     "vl-cross": (VLCrossRecipe, _vl("vl-cross", "teacher")),
     "vl-decomposed": (VLDecompRecipe, _vl("vl-decomposed", "cross", "cross_recipe")),
+    "tops-alignment": (TopsRecipe, _vl("tops-alignment", "teacher")),
 }
 
 
@@ -153,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
 COMMANDS = {"train-teacher": (TeacherRecipe, "teacher"), "train-student": (StudentRecipe, "student"),
             "ablate-student": (StudentRecipe, "student"), "train-hash": (HashRecipe, "hash"),
             "train-fine": (FineRecipe, "fine-alignment-sum"), "train-cross": (CrossRecipe, "cross"),
-            "train-vl-cross": (VLCrossRecipe, "vl-cross"), "train-vl-decomposed": (VLDecompRecipe, "vl-decomposed")}
+            "train-vl-cross": (VLCrossRecipe, "vl-cross"), "train-vl-decomposed": (VLDecompRecipe, "vl-decomposed"),
+            "train-tops-alignment": (TopsRecipe, "tops-alignment")}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -194,7 +197,10 @@ def test_train_student_records_the_full_resolved_recipe_next_to_the_checkpoint(t
     import matcher.train.student as student
     from matcher.cli.train import cmd_train_student
 
-    def fake_train(data, out, recipe, progress=True):
+    resumes = []
+
+    def fake_train(data, out, recipe, progress=True, resume=None):
+        resumes.append(resume)
         return {"recipe": asdict(recipe), "best_epoch": 1, "val": {"rsum": 1.0}, "history": []}
 
     monkeypatch.setattr(student, "train_student", fake_train)
@@ -202,3 +208,4 @@ def test_train_student_records_the_full_resolved_recipe_next_to_the_checkpoint(t
     cmd_train_student(_parser().parse_args(["train-student", "--set", "epochs=2", "--out", str(out)]))
     recorded = json.loads(out.with_suffix(".train.json").read_text())["recipe"]
     assert recorded == {**_student(), "epochs": 2}
+    assert resumes == [Path("runs") / "student.resume.pt"]  # a killed run resumes when the command is rerun
