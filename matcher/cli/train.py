@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from matcher.cli.common import add_data, add_gallery, fail
+from matcher.cli.common import add_data, add_gallery, fail, resume_file
 
 
 def add_recipe_options(p: argparse.ArgumentParser, shipped: str) -> None:
@@ -59,8 +59,10 @@ def cmd_train_student(args: argparse.Namespace) -> None:
 
     recipe = recipe_arg(StudentRecipe, args)
     _threads(args.threads)
-    result = train_student(args.data, args.out, recipe)
+    resume = resume_file(Path(args.out))  # rerunning a killed command continues it
+    result = train_student(args.data, args.out, recipe, resume=resume)
     write_json(Path(args.out).with_suffix(".train.json"), result)
+    resume.unlink(missing_ok=True)
     print(f"saved {args.out} (best epoch {result['best_epoch']}, val rsum {result['val']['rsum']:.1f})")
 
 

@@ -28,7 +28,7 @@ from matcher.eval.metrics import retrieval_metrics
 from matcher.models.dual_encoder import DualEncoderModule, load_checkpoint, save_checkpoint
 from matcher.models.student_towers import caption_vocabulary, init_from_minilm
 from matcher.train.features import Flickr8k, cached_arrays, cached_image_features, cached_text_features, file_digest
-from matcher.train.loop import Optimiser, Round, fit, seeded, train_frozen_batchnorm
+from matcher.train.loop import Optimiser, Resume, Round, fit, seeded, train_frozen_batchnorm
 from matcher.train.losses import DistillationObjective, EmbeddingDistillationLoss
 from matcher.train.pairs import CachedSplit
 from matcher.train.teacher import cached_metrics, embed_split
@@ -182,8 +182,12 @@ def _val_metrics(module: DualEncoderModule, val: CachedSplit, side: str, targets
     return retrieval_metrics((texts @ images.T).numpy(), np.repeat(np.arange(len(val)), val.captions_per_image))
 
 
-def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe, progress: bool = True) -> dict:
-    """Train, keep the best epoch on val, save the checkpoint; returns the training history."""
+def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe, progress: bool = True,
+                  resume: str | Path | None = None) -> dict:
+    """Train, keep the best epoch on val, save the checkpoint; returns the training history.
+
+    ``resume``: a state file written after every epoch (``matcher.train.loop.Resume``); a run killed
+    part-way continues from it when started again with the same recipe."""
     if recipe.teacher_side not in ("none", "text", "image"):
         raise ValueError(f"teacher_side must be none, text or image, not {recipe.teacher_side!r}")
     rng = seeded(recipe.seed)
@@ -257,7 +261,8 @@ def train_student(data_root: str | Path, out: str | Path, recipe: StudentRecipe,
 
     optimiser = Optimiser(groups, recipe.weight_decay, recipe.epochs * steps_per_epoch, pct_start=0.1)
     best = fit(module, optimiser, step, batches, evaluate, rounds=recipe.epochs, steps_per_round=steps_per_epoch,
-               train_mode=train_frozen_batchnorm, progress=f"{recipe.loss} epoch" if progress else None, log=log)
+               train_mode=train_frozen_batchnorm, progress=f"{recipe.loss} epoch" if progress else None, log=log,
+               resume=Resume(Path(resume), rng) if resume is not None else None)
     best_epoch = best.best  # restored by fit
     config = recipe.model_config(vocab_info["vocab_size"])
     final = DualEncoderModule(config)
