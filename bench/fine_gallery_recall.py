@@ -1,9 +1,9 @@
-"""Text->image recall of the dashboard's fine column (``offline-fine``) through its own search path.
+"""Text->image recall of a dashboard fine column (``--spec``, e.g. ``offline-tops``) through its own search path.
 
 Every caption of the gallery is one ``search_text`` call (teacher shortlist, region x word re-rank),
 so this checks that the app's matcher reproduces the ``eval-fine`` numbers, and times it.
 
-    python bench/fine_gallery_recall.py [--gallery assets/gallery/flickr8k-test] [--json assets/results/fine-gallery.json]
+    python bench/fine_gallery_recall.py [--spec offline-tops] [--gallery assets/gallery/flickr8k-test] [--json assets/results/fine-gallery.json]
 """
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from matcher.atomic import write_json  # noqa: E402
 from matcher.eval.costs import machine_description  # noqa: E402
 from matcher.data.gallery import open_gallery  # noqa: E402
 from matcher.paths import DEFAULT_GALLERY  # noqa: E402
-from matcher.search.exact import SearchOptions, open_matcher  # noqa: E402
+from matcher.registry import open_matcher  # noqa: E402
+from matcher.search.protocol import SearchOptions  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gallery", default=str(DEFAULT_GALLERY))
-    parser.add_argument("--spec", default="offline-fine")
+    parser.add_argument("--spec", default="offline-tops", help="a fine-rerank config (offline-tops, offline-fine, ...)")
     parser.add_argument("--json", default="assets/results/fine-gallery.json")
     args = parser.parse_args()
     matcher = open_matcher(args.spec, open_gallery(args.gallery))

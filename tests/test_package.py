@@ -37,3 +37,20 @@ def test_installed_package_carries_its_configs_and_runs_the_cli(tmp_path):
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     package_dir, home = where.stdout.split()
     assert package_dir.startswith(str(target)) and home == str(REPO)
+
+
+def test_every_bench_script_imports():
+    """The scripts in bench/ are run by hand, so nothing else notices when a name they import moves."""
+    import importlib.util
+
+    import pytest
+
+    scripts = sorted((REPO / "bench").glob("*.py"))
+    assert scripts
+    for path in scripts:
+        spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)  # top level only: main() runs under __main__
+        except ImportError as exc:
+            pytest.fail(f"bench/{path.name}: {exc}")

@@ -103,3 +103,19 @@ def test_a_tops_checkpoint_loads_through_the_fine_column_and_a_foreign_kind_is_r
     save_cross(tmp_path / "other.pt", "some-new-kind", torch.nn.Linear(2, 2), {}, {})
     with pytest.raises(CheckpointProblem, match="tops-alignment"):
         load_rerank_scorer(tmp_path / "other.pt", module)
+
+
+def test_the_registered_config_serves_the_shipped_checkpoint_in_the_fine_preset(gallery):
+    from matcher.presets import PRESETS
+    from matcher.registry import open_matcher, registered_models
+    from matcher.search.protocol import SearchOptions
+
+    config = registered_models()["offline-tops"]
+    assert config["scorer"] == "assets/models/fine/tops-alignment.pt" and config["base"] == "offline-teacher"
+    assert PRESETS["offline+fine"]["fine"] == "offline-tops"
+    served = open_matcher("offline-tops", gallery)
+    assert served.kind == "tops-alignment" and served.candidates == config["candidates"]
+    text = _captions(gallery)[0]
+    shortlist = {h.name for h in served.base.search_text(text, SearchOptions(k=served.candidates)).hits}
+    hits = served.search_text(text, SearchOptions(k=5)).hits
+    assert {h.name for h in hits} <= shortlist and len(hits) == 5

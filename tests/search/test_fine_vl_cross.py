@@ -135,7 +135,7 @@ def test_the_registered_config_and_the_preset_that_serves_it():
     assert parse_spec("offline-vl-cross").kind == "fine-rerank"
     # offline+cross is offline+fine with its fine column switched to the cross-encoder, nothing else
     assert PRESETS["offline+cross"] == {**PRESETS["offline+fine"], "fine": "offline-vl-cross"}
-    assert PRESETS["offline+fine"]["fine"] == "offline-fine"
+    assert PRESETS["offline+fine"]["fine"] == "offline-tops"
 
 
 def test_untrained_cross_encoder_ranks_exactly_as_the_teacher(base, untrained, gallery, tmp_path):
