@@ -1,4 +1,5 @@
-"""Per-batch teacher matrices from a trained alignment scorer, for ``matcher.train.student``.
+"""Per-batch teacher matrices from a trained alignment scorer (``train-fine`` or ``train-tops-alignment``),
+for ``matcher.train.student``.
 
 The student trainer distils a [B, B] teacher matrix per batch; by default that is the dual
 teacher's ``t_img @ t_txt.T``. ``AlignmentTargets.batch(rows, captions)`` returns the alignment
@@ -97,7 +98,13 @@ class AlignmentTargets:
     """Alignment scores of any train batch (images by row id, captions by caption id)."""
 
     def __init__(self, data: Flickr8k, teacher: str | Path, scorer_path: str | Path, batch_size: int = 500):
+        from matcher.finegrained.tops import is_tops_checkpoint
+
         image_head, text_head, self.dual_scale = teacher_heads(teacher)
+        self.scale = 1.0
+        if is_tops_checkpoint(scorer_path):
+            self._from_tops(data, teacher, scorer_path)
+            return
         scorer, recipe, _ = load_scorer(scorer_path, image_head, text_head)
         self.reduce = recipe.reduce
         train: FineSplit = fine_features(data, teacher)["train"]
@@ -108,7 +115,19 @@ class AlignmentTargets:
             tokens = torch.from_numpy(train.tokens.astype(np.float32))
             self.tokens = torch.cat([torch.nn.functional.normalize(scorer.text_proj(tokens[s:s + 20000]), dim=-1)
                                      for s in range(0, len(tokens), 20000)]).half()
-        self.scale = 1.0
+
+    def _from_tops(self, data: Flickr8k, teacher: str | Path, path: str | Path) -> None:
+        """A ``tops-alignment`` scorer: its own tops run once over train from the trunk caches (first view,
+        as for the other scorers); its word vectors are a prefix of each padded row, kept ragged."""
+        from matcher.finegrained.tops import cached_splits, encode_cached, load_tops
+
+        module, splits = cached_splits(data, teacher, ("train",))
+        model, recipe, _ = load_tops(path, module)
+        enc = encode_cached(model, splits["train"])
+        self.reduce = recipe["reduce"]
+        self.regions = enc.images.half()
+        self.tokens = enc.texts[enc.mask].half()  # row-major: caption by caption, words in order
+        self.offsets = np.concatenate([[0], np.cumsum(enc.mask.sum(1).numpy())]).astype(np.int64)
 
     def batch(self, rows: np.ndarray, captions: np.ndarray) -> torch.Tensor:
         """[B, B] alignment scores, rows = images, columns = captions (raw, unscaled)."""

@@ -135,3 +135,26 @@ def test_training_keeps_the_best_val_epoch_and_resumes(teacher, split, tmp_path)
                        np.random.default_rng(0), resume=tmp_path / "r.pt", log=lambda _line: None)
     assert [e["epoch"] for e in again["history"]] == [0, 1, 2]
     assert again["val"] == result["val"]
+
+
+def test_student_teacher_matrix_from_a_tops_checkpoint_is_its_alignment_score(teacher, split, tmp_path, monkeypatch):
+    """``teacher_scores=fused:tops-alignment.pt@λ``: the per-batch matrix the student distils is the
+    tier's own score of those pairs (ragged word storage, any batch order)."""
+    import matcher.finegrained.tops as tops
+    from matcher.finegrained.distill import AlignmentTargets
+
+    torch.manual_seed(2)
+    model = TopsAlignment(teacher, "sum", 0.0, True).eval()
+    with torch.no_grad():
+        for p in model.text_layers.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    path = tmp_path / "tops.pt"
+    save_tops(path, model, {"reduce": "sum", "dropout": 0.0, "drop_special": True}, {})
+    monkeypatch.setattr(tops, "cached_splits", lambda data, teacher_, splits: (teacher, {"train": split}))
+    targets = AlignmentTargets(None, teacher, path)
+    rows, captions = np.array([4, 0, 2]), np.array([5, 1, 0])
+    enc = encode_cached(load_tops(path, teacher)[0], split)
+    with torch.inference_mode():
+        want = model.score(enc.images[rows], enc.texts[captions], enc.mask[captions])
+    assert torch.allclose(targets.batch(rows, captions), want, atol=2e-2)
+    assert targets.reduce == "sum" and len(targets.offsets) == N + 1
