@@ -25,6 +25,7 @@ def cmd_train_fine(args: argparse.Namespace) -> None:
 
     from matcher.cli.train import recipe_arg
     from matcher.finegrained.checkpoints import FineRecipe, build_scorer, load_scorer, save_scorer, teacher_heads
+    from matcher.finegrained.distill import FUSED_PREFIX, fine_teacher
     from matcher.finegrained.features import dual_similarity, fine_features
     from matcher.finegrained.train import train_scorer
     from matcher.train.features import Flickr8k
@@ -34,10 +35,14 @@ def cmd_train_fine(args: argparse.Namespace) -> None:
     out = Path(args.out or f"assets/models/fine/{name}.pt")
     _threads(args.threads)
     torch.manual_seed(recipe.seed)  # the code queries are drawn when the scorer is built
-    feats = fine_features(Flickr8k.load(args.data), args.teacher)
+    data = Flickr8k.load(args.data)
+    feats = fine_features(data, args.teacher)
     image_head, text_head, _ = teacher_heads(args.teacher)
     teacher = None
-    if recipe.distill_from:  # shrink: start from the big scorer, learn from its in-batch scores
+    if recipe.distill_from.startswith(FUSED_PREFIX):  # learn from a better tier's fused score, own start
+        teacher = fine_teacher(recipe.distill_from, data, args.teacher, feats["train"], image_head, text_head)
+        scorer = build_scorer(recipe, image_head, text_head)
+    elif recipe.distill_from:  # shrink: start from the big scorer, learn from its in-batch scores
         from matcher.finegrained.scorers import CodeScorer
 
         teacher, big_recipe, _ = load_scorer(recipe.distill_from, image_head, text_head)
@@ -65,13 +70,15 @@ def cmd_train_cross(args: argparse.Namespace) -> None:
     from matcher.finegrained.checkpoints import save_cross, teacher_heads
     from matcher.finegrained.cross import CrossEncoder, DecomposedEncoder
     from matcher.finegrained.cross_train import CrossRecipe, train_cross, train_decomposed
+    from matcher.finegrained.distill import FUSED_PREFIX, fine_teacher
     from matcher.finegrained.features import dual_similarity, fine_features
     from matcher.train.features import Flickr8k
 
     recipe = recipe_arg(CrossRecipe, args)
     _threads(args.threads)
     torch.manual_seed(recipe.seed)  # the transformer's weights are drawn when it is built
-    feats = fine_features(Flickr8k.load(args.data), args.teacher)
+    data = Flickr8k.load(args.data)
+    feats = fine_features(data, args.teacher)
     image_head, text_head, teacher_scale = teacher_heads(args.teacher)
     duals = {s: dual_similarity(feats[s], image_head, text_head) for s in ("train", "val")}
     residual_scale = teacher_scale if recipe.residual else 0.0

@@ -36,7 +36,8 @@ class FineRecipe:
     distill_scale: float = 20.0  # logit scale applied to both matrices in the ListNet term
     candidates: int = 20         # val shortlist size for re-ranker selection
     seed: int = 0
-    distill_from: str = ""       # a trained (larger) fine scorer to start from and distil (shrinking codes)
+    distill_from: str = ""       # a trained (larger) fine scorer to start from and distil (shrinking codes),
+                                 # or fused:PATH@LAMBDA: distil dual + LAMBDA x that scorer (e.g. tops-alignment)
     # codes tier, Inflate & Shrink that inflates (docs/inflate-shrink.md); the defaults are the original
     # (collapsed) code scorer, so checkpoints trained before these fields existed rebuild unchanged
     query_init: str = "random"   # random (std 0.02: every code starts as the mean region) | kmeans (key centroids)

@@ -196,3 +196,32 @@ def fused_composition(align: AlignmentTargets, t_images: torch.Tensor, t_texts: 
         add("caption_mean_align_vs_length_corr", torch.corrcoef(torch.stack([a.mean(0), lengths]))[0, 1])
     return {"weight": weight, "batch_size": batch_size,
             "batches": batches, "seed": seed, **{k: round(float(np.mean(v)), 4) for k, v in acc.items()}}
+
+
+class FineTeacher:
+    """The per-batch teacher matrix of a fine scorer's training (``train-fine`` with ``distill_from:
+    "fused:PATH@LAMBDA"``): the same ``TeacherScores`` the student distils, on the fine split's rows and
+    caption ids, with the dual teacher's embeddings of that split. This is how a code tier is shrunk
+    from a better, slower tier (e.g. tops-alignment) while it keeps reading the teacher's features."""
+
+    def __init__(self, scores: TeacherScores, images: torch.Tensor, texts: torch.Tensor):
+        self.scores, self.images, self.texts = scores, images, texts
+
+    def batch(self, rows: np.ndarray, captions: np.ndarray) -> torch.Tensor:
+        return self.scores.batch(rows, captions, self.images[torch.from_numpy(rows)],
+                                 self.texts[torch.from_numpy(captions)])
+
+
+def fine_teacher(spec: str, data: Flickr8k, teacher: str | Path, train: FineSplit, image_head, text_head,
+                 batch_size: int = 128) -> FineTeacher:
+    """The ``FineTeacher`` a ``fused:PATH@LAMBDA`` spec names (PATH: a train-fine alignment scorer or a
+    train-tops-alignment checkpoint), on ``train`` (the teacher's fine features)."""
+    from matcher.finegrained.features import dual_embeddings
+
+    kind, _, _ = parse_teacher_scores(spec)
+    if kind != "fused":
+        raise ValueError(f"distill_from {spec!r}: a fine scorer distils another scorer's checkpoint, or "
+                         "fused:PATH@LAMBDA (the dual cosine + LAMBDA x that scorer)")
+    images, texts = dual_embeddings(train, image_head, text_head)
+    scale = teacher_heads(teacher)[2]
+    return FineTeacher(teacher_scores(spec, data, teacher, images, texts, scale, batch_size), images, texts)

@@ -157,17 +157,23 @@ def _scorer_records(path: Path, image_head, text_head, feats, caption_images, du
 def _tops_records(path: Path, args, caption_images, duals, dual_emb, encode_ms: float, candidates: list[int]) -> list[dict]:
     """``tops-alignment`` re-ranks like an alignment scorer, from its own tops run on the trunk caches; a
     query pays the teacher's text encoding plus the tier's own top layers on the caption."""
-    from matcher.finegrained.evaluate import median_ms
     from matcher.finegrained.tops import cached_splits, encode_cached, load_tops
 
     module, splits = cached_splits(args.data, args.teacher, ("val", "test"))
     model, _, _ = load_tops(path, module)
     enc = {s: encode_cached(model, splits[s]) for s in ("val", "test")}
-    one = splits["test"].caption_batch(np.array([0]))
+    return rerank_records(path.stem, model, enc, caption_images, duals, dual_emb,
+                          encode_ms + _own_text_ms(model, splits["test"]), candidates, tier=KIND_TOPS)
+
+
+def _own_text_ms(model, split) -> float:
+    """A tops-alignment query also runs the tier's own top MiniLM layers on the caption (the lower
+    layers' states come from the teacher's text tower run)."""
+    from matcher.finegrained.evaluate import median_ms
+
+    one = split.caption_batch(np.array([0]))
     with torch.inference_mode():
-        own_text_ms = median_ms(lambda: model.encode_text(*one), 30)
-    return rerank_records(path.stem, model, enc, caption_images, duals, dual_emb, encode_ms + own_text_ms, candidates,
-                          tier=KIND_TOPS)
+        return median_ms(lambda: model.encode_text(*one), 30)
 
 
 def _vl_inputs(args) -> tuple:
@@ -230,10 +236,11 @@ def _ensemble_record(paths: list[Path], candidates: int, feats, duals, image_hea
     metrics = {s: scored[s].metrics(weights) for s in ("val", "test")}
     test_fns = pair_functions("test")
     one = np.zeros(candidates, dtype=np.int64)
-    search = sum(median_ms(lambda f=f: f(one, np.arange(candidates)), 10) for f in test_fns)
+    pairs = sum(median_ms(lambda f=f: f(one, np.arange(candidates)), 10) for f in test_fns)
+    own_text = sum(_own_text_ms(m, tops[1]["test"]) for m, kind in models if kind == KIND_TOPS)
     name = " + ".join(p.stem for p in paths) + f" fused C={candidates}"
-    return _record(name, "ensemble", "fused", metrics["val"], metrics["test"], encode_ms, search,
-                   1000 * search / candidates, candidates=candidates,
+    return _record(name, "ensemble", "fused", metrics["val"], metrics["test"], encode_ms + own_text, pairs,
+                   1000 * pairs / candidates, candidates=candidates,
                    fuse_weights={p.stem: w for p, w in zip(paths, weights)})
 
 

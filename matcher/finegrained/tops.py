@@ -20,6 +20,7 @@ import copy
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from matcher.finegrained.evaluate import Encoded
 from matcher.finegrained.scorers import AlignmentScorer
@@ -61,8 +62,8 @@ class TopsAlignment(nn.Module):
         """[I, R, D] unit region vectors (what a gallery stores per image)."""
         return self.scorer.encode_image(self.regions(trunk))
 
-    def encode_text(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unit word vectors [T, L', D], word mask [T, L']) from lower-layer states [T, L, 384] and
+    def word_states(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final token states [T, L', 384], word mask [T, L']) from lower-layer states [T, L, 384] and
         their attention mask [T, L]. With ``drop_special`` the [CLS] column is cut and [SEP] masked,
         so the words stay a prefix of each row (what ``evaluate.pair_scores`` trims by)."""
         keep = mask.bool()
@@ -72,6 +73,11 @@ class TopsAlignment(nn.Module):
             keep = keep.clone()
             keep[torch.arange(len(keep)), (lengths - 1).clamp(min=0)] = False  # [SEP]
             h, keep = h[:, 1:], keep[:, 1:]                                      # [CLS]
+        return h, keep
+
+    def encode_text(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit word vectors [T, L', D], word mask [T, L']): ``word_states`` through the projection."""
+        h, keep = self.word_states(states, mask)
         return self.scorer.encode_text(h, keep), keep
 
     def score(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,9 +93,9 @@ def encode_cached(model: TopsAlignment, split: CachedSplit, batch_size: int = 20
     images, texts, masks = [], [], []
     n_captions = len(split.offsets) - 1
     with torch.inference_mode():
-        for s in range(0, len(split), batch_size):
+        for s in tqdm(range(0, len(split), batch_size), desc="tops-alignment: images", leave=False):
             images.append(model.encode_image(split.image_batch(np.arange(s, min(s + batch_size, len(split))))))
-        for s in range(0, n_captions, batch_size):
+        for s in tqdm(range(0, n_captions, batch_size), desc="tops-alignment: captions", leave=False):
             t, m = model.encode_text(*split.caption_batch(np.arange(s, min(s + batch_size, n_captions))))
             texts.append(t)
             masks.append(m)
@@ -147,3 +153,4 @@ def dual_matrix(module: nn.Module, split: CachedSplit) -> np.ndarray:
 
     images, texts = embed_split(module, split)
     return (texts @ images[:, 0].T).numpy()
+

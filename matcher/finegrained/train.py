@@ -3,17 +3,18 @@
 Every step samples B images (one random caption each), builds the in-batch [B, B] score matrix
 of the scorer being trained and minimises the VSE++ hinge loss with hardest negatives
 (``matcher.train.losses.TripletHingeLoss``; ``loss="contrastive"`` swaps in InfoNCE at the fixed
-scale ``distill_scale``, the dual teacher's own objective). With a ``teacher`` scorer (shrinking
-a code model, or any fine scorer distilled from another) a listwise term is added on the same
+scale ``distill_scale``, the dual teacher's own objective). With a ``teacher`` (a scorer on
+the same features: shrinking a code model; or anything with ``batch(rows, captions) -> [B, B]``, such
+as ``distill.FineTeacher``: the fused score of a better tier) a listwise term is added on the same
 matrices:
     L = hinge(S) + distill_weight * ListNet(scale * S, scale * T).
 The epoch with the best val rsum is kept: re-ranking rsum of the dual teacher's top-C for a
 re-ranker, exhaustive rsum for a late-interaction (code) scorer.
 
 Code scorers that inflate (docs/inflate-shrink.md): ``query_init="kmeans"`` puts the queries on
-k-means centroids of train region keys before the first step (not when shrinking: the queries then
-come from the larger model), ``query_lr_mult`` gives the queries their own learning rate, and
-``diversity_weight`` adds ``losses.CodeDiversityLoss`` on the batch's codes:
+k-means centroids of train region keys before the first step (not when shrinking a code model: the
+queries then come from the larger one), ``query_lr_mult`` gives the queries their own learning rate,
+and ``diversity_weight`` adds ``losses.CodeDiversityLoss`` on the batch's codes:
     L = hinge(S) [+ distill_weight * ListNet] + diversity_weight * mean off-diagonal cos^2 of each image's codes.
 Each code-tier val entry also records the codes' ``attention_entropy`` and ``code_cosine``.
 """
@@ -87,14 +88,14 @@ def train_scorer(scorer, train: FineSplit, val: FineSplit, dual_val: np.ndarray,
     if recipe.freeze_projections:
         scorer.image_proj.requires_grad_(False)
         scorer.text_proj.requires_grad_(False)
-    if teacher is not None:
+    if isinstance(teacher, torch.nn.Module):
         teacher.eval()
     codes = recipe.tier == "codes"
     diversity = CodeDiversityLoss()
     init = {}
     if codes:
         _check_codes_recipe(scorer, recipe)
-        if recipe.query_init == "kmeans" and teacher is None:
+        if recipe.query_init == "kmeans" and not hasattr(teacher, "pool"):  # a code teacher: queries inherited
             init["kmeans_cluster_sizes"] = init_queries_kmeans(scorer, train, seed=recipe.seed)
         elif recipe.query_init not in ("random", "kmeans"):
             raise ValueError(f"unknown query_init {recipe.query_init!r}: use 'random' or 'kmeans'")
@@ -112,7 +113,8 @@ def train_scorer(scorer, train: FineSplit, val: FineSplit, dual_val: np.ndarray,
         parts = {"match": float(loss.detach())}
         if teacher is not None:
             with torch.no_grad():
-                target = batch_scores(teacher, train, rows, captions)
+                target = (teacher.batch(rows, captions) if hasattr(teacher, "batch")
+                          else batch_scores(teacher, train, rows, captions))
             distill = listnet(recipe.distill_scale * sim, recipe.distill_scale * target)
             loss = loss + recipe.distill_weight * distill
             parts["distill"] = float(distill.detach())

@@ -71,6 +71,7 @@ SHIPPED = {
     **{f"fine-{n}": (FineRecipe, _fine(n)) for n in ("alignment-sum", "alignment-mean", "alignment-mean-drop05",
                                                       "codes-16", "codes-4", "codes-1")},
     **{f"fine-codes-inflate-{m}": (FineRecipe, _fine(f"codes-inflate-{m}")) for m in (16, 8, 4, 2, 1)},
+    **{f"fine-codes-tops-{m}": (FineRecipe, _fine(f"codes-tops-{m}")) for m in (16, 4, 1)},
     "cross": (CrossRecipe, _cross("cross")),
     "cross-residual": (CrossRecipe, _cross("cross-residual")),
     "vl-cross": (VLCrossRecipe, _vl("vl-cross", "teacher")),
