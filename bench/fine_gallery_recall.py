@@ -3,7 +3,7 @@
 Every caption of the gallery is one ``search_text`` call (teacher shortlist, region x word re-rank),
 so this checks that the app's matcher reproduces the ``eval-fine`` numbers, and times it.
 
-    python bench/fine_gallery_recall.py [--spec offline-tops] [--gallery assets/gallery/flickr8k-test] [--json assets/results/fine-gallery.json]
+    python bench/fine_gallery_recall.py [--spec offline-tops] [--gallery assets/gallery/flickr8k-test] [--json assets/results/fine-gallery-SPEC.json]
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gallery", default=str(DEFAULT_GALLERY))
     parser.add_argument("--spec", default="offline-tops", help="a fine-rerank config (offline-tops, offline-fine, ...)")
-    parser.add_argument("--json", default="assets/results/fine-gallery.json")
+    parser.add_argument("--json", help="default: assets/results/fine-gallery-SPEC.json")
     args = parser.parse_args()
+    args.json = args.json or f"assets/results/fine-gallery-{args.spec}.json"
     matcher = open_matcher(args.spec, open_gallery(args.gallery))
     emb = matcher.embeddings
     ranks, latencies = [], []
