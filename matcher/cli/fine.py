@@ -212,27 +212,22 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_train_cross)
 
-    p = _parser(sub, "train-vl-cross", default_data,
-                help="train the cross-encoder on the teacher's top MiniLM layers (regions appended to the words)")
-    add_recipe_options(p, "vl-cross")
-    p.add_argument("--out", default="assets/models/fine/vl-cross.pt")
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=cmd_train_vl_cross)
+    def long_run(name: str, recipe: str, func, help: str) -> argparse.ArgumentParser:
+        """A resumable trainer of one checkpoint (assets/models/fine/RECIPE.pt by default)."""
+        p = _parser(sub, name, default_data, help=help)
+        add_recipe_options(p, recipe)
+        p.add_argument("--out", default=f"assets/models/fine/{recipe}.pt")
+        p.add_argument("--threads", type=int, default=2)
+        p.set_defaults(func=func)
+        return p
 
-    p = _parser(sub, "train-vl-decomposed", default_data,
-                help="decompose a trained vl-cross into a dual encoder (VLDeformer), distilled from its scores")
-    add_recipe_options(p, "vl-decomposed")
-    p.add_argument("--cross", default="assets/models/fine/vl-cross.pt", help="the trained vl-cross checkpoint")
-    p.add_argument("--out", default="assets/models/fine/vl-decomposed.pt")
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=cmd_train_vl_decomposed)
-
-    p = _parser(sub, "train-tops-alignment", default_data,
-                help="ALADIN's alignment re-ranker with copies of the teacher's top blocks/layers trained too")
-    add_recipe_options(p, "tops-alignment")
-    p.add_argument("--out", default="assets/models/fine/tops-alignment.pt")
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=cmd_train_tops_alignment)
+    long_run("train-vl-cross", "vl-cross", cmd_train_vl_cross,
+             "train the cross-encoder on the teacher's top MiniLM layers (regions appended to the words)")
+    long_run("train-vl-decomposed", "vl-decomposed", cmd_train_vl_decomposed,
+             "decompose a trained vl-cross into a dual encoder (VLDeformer), distilled from its scores"
+             ).add_argument("--cross", default="assets/models/fine/vl-cross.pt", help="the trained vl-cross checkpoint")
+    long_run("train-tops-alignment", "tops-alignment", cmd_train_tops_alignment,
+             "ALADIN's alignment re-ranker with copies of the teacher's top blocks/layers trained too")
 
     p = _parser(sub, "eval-fine", default_data, help="val/test recall and costs of every fine tier vs the dual teacher")
     p.add_argument("--models", default="assets/models/fine", help="folder of trained fine scorers")
