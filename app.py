@@ -40,9 +40,10 @@ log = logging.getLogger("matcher.app")
 INTRO = """# matcher: efficient image-text matching
 Search a photo gallery by text or by image with every matcher of the active preset side by side:
 the **teacher** (accurate, slower), the distilled **student** and the **hashed** index (binary codes,
-candidate search + re-rank); the `offline+fine` preset adds a fourth column, **fine**: the teacher's top 50
-re-scored region × word (text queries), and `offline+cross` fills that column with the cross-encoder instead
-(the teacher's top MiniLM layers reading the words and the photo's regions together, on its top C).
+candidate search + re-rank); the `offline+fine` preset adds a fourth column, **fine**: the teacher's top C
+re-scored region × word by a scorer with its own trained copies of the teacher's top layers (text queries),
+and `offline+cross` fills that column with the cross-encoder instead (the teacher's top MiniLM layers
+reading the words and the photo's regions together, on its top C).
 Scores are cosine similarities (fine: cosine + weighted alignment or cross-encoder score); ✓ marks a
 ground-truth image when the query is one of the gallery's captions. Timings are per stage, measured on
 this server."""
