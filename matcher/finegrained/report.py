@@ -261,16 +261,21 @@ def student_records(data_root: str, paths: list[str]) -> list[dict]:
     from matcher.models.dual_encoder import load_checkpoint
     from matcher.train.features import Flickr8k, cached_image_features
     from matcher.train.pairs import CachedSplit
-    from matcher.train.student import caption_id_features
+    from dataclasses import fields
+
+    from matcher.train.student import StudentRecipe, caption_id_features
     from matcher.train.teacher import cached_metrics
 
     data, out = Flickr8k.load(data_root), []
     for path in paths:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         recipe = payload["metadata"]["recipe"]
+        known = {f.name for f in fields(StudentRecipe)}  # the cache the student was trained from (skips, crops)
+        r = StudentRecipe(**{k: v for k, v in recipe.items() if k in known})
         module = load_checkpoint(path).module
         test = CachedSplit.from_features(
-            cached_image_features(data, recipe["image_variant"], recipe["image_size"], recipe["cached_blocks"]),
+            cached_image_features(data, r.image_variant, r.image_size, r.cached_blocks, r.skipped_blocks(),
+                                  r.crop_views),
             caption_id_features(data, module), "test")
         out.append({"name": Path(path).stem, "loss": recipe["loss"], "teacher_scores": recipe.get("teacher_scores", "dual"),
                     "epochs": recipe["epochs"], "caption_passes": recipe["caption_passes"], "seed": recipe["seed"],
