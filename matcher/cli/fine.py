@@ -70,15 +70,13 @@ def cmd_train_cross(args: argparse.Namespace) -> None:
     from matcher.finegrained.checkpoints import save_cross, teacher_heads
     from matcher.finegrained.cross import CrossEncoder, DecomposedEncoder
     from matcher.finegrained.cross_train import CrossRecipe, train_cross, train_decomposed
-    from matcher.finegrained.distill import FUSED_PREFIX, fine_teacher
     from matcher.finegrained.features import dual_similarity, fine_features
     from matcher.train.features import Flickr8k
 
     recipe = recipe_arg(CrossRecipe, args)
     _threads(args.threads)
     torch.manual_seed(recipe.seed)  # the transformer's weights are drawn when it is built
-    data = Flickr8k.load(args.data)
-    feats = fine_features(data, args.teacher)
+    feats = fine_features(Flickr8k.load(args.data), args.teacher)
     image_head, text_head, teacher_scale = teacher_heads(args.teacher)
     duals = {s: dual_similarity(feats[s], image_head, text_head) for s in ("train", "val")}
     residual_scale = teacher_scale if recipe.residual else 0.0

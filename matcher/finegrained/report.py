@@ -104,11 +104,12 @@ def run_eval(args) -> dict:
                        search_ms(*dual_emb), dual_pair_us(*dual_emb), gallery_floats_per_image=dual_emb[0].shape[1])]
     candidates = [int(c) for c in str(args.candidates).split(",") if c.strip()]
     caption_images = {s: feats[s].caption_image for s in ("val", "test")}
-    vl = None  # the MiniLM cross-encoder and its decomposition: built on the teacher module, own inputs
+    vl = tops = None  # vl-cross/-decomposed and tops-alignment: built on the teacher module, own inputs (lazy)
     for path in sorted(Path(args.models).glob(getattr(args, "pattern", None) or "*.pt")):
         kind = _kind(path)
         if kind == KIND_TOPS:
-            records += _tops_records(path, args, caption_images, duals, dual_emb, encode_ms, candidates)
+            tops = tops or _tops_inputs(args)
+            records += _tops_records(path, tops, caption_images, duals, dual_emb, encode_ms, candidates)
         elif kind:
             vl = vl or _vl_inputs(args)
             records += _vl_records(path, kind, vl, encode_ms)
@@ -119,7 +120,7 @@ def run_eval(args) -> dict:
     if getattr(args, "ensemble", None):  # "A.pt,B.pt,...": fused together with the dual cosine
         paths = [Path(x) for x in args.ensemble.split(",")]
         vl = vl or (_vl_inputs(args) if any(_kind(p) in ("vl-cross", "vl-decomposed") for p in paths) else None)
-        tops = cached_splits_of(args) if any(_kind(p) == KIND_TOPS for p in paths) else None
+        tops = tops or (_tops_inputs(args) if any(_kind(p) == KIND_TOPS for p in paths) else None)
         records.append(_ensemble_record(paths, candidates[0], feats, duals, image_head, text_head, vl, tops, encode_ms))
     results = Path(args.results)
     previous = _previous(results.with_suffix(".json")) if getattr(args, "append", False) else {}
@@ -154,12 +155,13 @@ def _scorer_records(path: Path, image_head, text_head, feats, caption_images, du
     return [exhaustive_record(path.stem, scorer, feats, dual_emb, encode_ms, tier)]
 
 
-def _tops_records(path: Path, args, caption_images, duals, dual_emb, encode_ms: float, candidates: list[int]) -> list[dict]:
-    """``tops-alignment`` re-ranks like an alignment scorer, from its own tops run on the trunk caches; a
-    query pays the teacher's text encoding plus the tier's own top layers on the caption."""
-    from matcher.finegrained.tops import cached_splits, encode_cached, load_tops
+def _tops_records(path: Path, tops: tuple, caption_images, duals, dual_emb, encode_ms: float,
+                  candidates: list[int]) -> list[dict]:
+    """``tops-alignment`` re-ranks like an alignment scorer, from its own tops run on the trunk caches
+    (``tops`` = ``_tops_inputs``); a query pays the teacher's text encoding plus the tier's own top layers."""
+    from matcher.finegrained.tops import encode_cached, load_tops
 
-    module, splits = cached_splits(args.data, args.teacher, ("val", "test"))
+    module, splits = tops
     model, _, _ = load_tops(path, module)
     enc = {s: encode_cached(model, splits[s]) for s in ("val", "test")}
     return rerank_records(path.stem, model, enc, caption_images, duals, dual_emb,
@@ -198,7 +200,8 @@ def _kind(path: Path) -> str | None:
     return kind if kind in ("vl-cross", "vl-decomposed", KIND_TOPS) else None
 
 
-def cached_splits_of(args) -> tuple:
+def _tops_inputs(args) -> tuple:
+    """(teacher module, {val, test: CachedSplit}): what tops-alignment checkpoints read."""
     from matcher.finegrained.tops import cached_splits
 
     return cached_splits(args.data, args.teacher, ("val", "test"))
@@ -231,10 +234,11 @@ def _ensemble_record(paths: list[Path], candidates: int, feats, duals, image_hea
         return load_scorer(p, image_head, text_head)[0], None
 
     models = [load(p) for p in paths]
-    scored = {s: score_split(duals[s], feats[s].caption_image, pair_functions(s), candidates) for s in ("val", "test")}
+    functions = {s: pair_functions(s) for s in ("val", "test")}  # each split encoded once: scores and timing
+    scored = {s: score_split(duals[s], feats[s].caption_image, functions[s], candidates) for s in ("val", "test")}
     weights, _ = choose_weights(scored["val"])
     metrics = {s: scored[s].metrics(weights) for s in ("val", "test")}
-    test_fns = pair_functions("test")
+    test_fns = functions["test"]
     one = np.zeros(candidates, dtype=np.int64)
     pairs = sum(median_ms(lambda f=f: f(one, np.arange(candidates)), 10) for f in test_fns)
     own_text = sum(_own_text_ms(m, tops[1]["test"]) for m, kind in models if kind == KIND_TOPS)
